@@ -1,0 +1,261 @@
+//! The middleware every request passes through.
+
+use std::time::{Duration, Instant};
+
+use axum::body::Body;
+use axum::extract::{MatchedPath, Request, State};
+use axum::middleware::{Next, from_fn, from_fn_with_state};
+use axum::response::{IntoResponse, Response};
+use http::{HeaderName, HeaderValue, Method, StatusCode, header};
+use nops_core::CoreError;
+use nops_core::auth::Action;
+use nops_core::tenant::TenantId;
+use tower::ServiceBuilder;
+use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer;
+use tower_http::timeout::TimeoutLayer;
+use tower_http::trace::TraceLayer;
+
+use crate::AppState;
+use crate::context::{RequestContext, TENANT_HEADER};
+use crate::error::{ApiError, ErrorBody, ErrorDetail, for_status};
+
+/// The request id header, set on every request and response.
+pub const REQUEST_ID_HEADER: HeaderName = HeaderName::from_static("x-request-id");
+/// Longest request id accepted from a client; longer or odd ones are replaced.
+const REQUEST_ID_BYTES_MAX: usize = 128;
+
+/// Security headers set on every response (unless a handler set them).
+const SECURITY_HEADERS: &[(&str, &str)] = &[
+    ("x-content-type-options", "nosniff"),
+    ("x-frame-options", "DENY"),
+    ("referrer-policy", "no-referrer"),
+    (
+        "content-security-policy",
+        "default-src 'none'; frame-ancestors 'none'",
+    ),
+    ("cross-origin-opener-policy", "same-origin"),
+    ("cross-origin-resource-policy", "same-origin"),
+    ("permissions-policy", "()"),
+    ("cache-control", "no-store"),
+];
+
+/// Wraps `router` in the layer stack shared by every route (outermost first below).
+pub(crate) fn wrap(
+    router: axum::Router,
+    state: AppState,
+    timeout: Duration,
+    body_bytes_max: usize,
+) -> axum::Router {
+    router.layer(
+        ServiceBuilder::new()
+            .layer(SetSensitiveRequestHeadersLayer::new([header::AUTHORIZATION, header::COOKIE]))
+            .layer(from_fn(sanitize_request_id))
+            .layer(SetRequestIdLayer::new(REQUEST_ID_HEADER, MakeRequestUuid))
+            .layer(PropagateRequestIdLayer::new(REQUEST_ID_HEADER))
+            .layer(from_fn(security_headers))
+            .layer(
+                TraceLayer::new_for_http()
+                    .make_span_with(|req: &Request| {
+                        let request_id =
+                            req.headers().get(&REQUEST_ID_HEADER).and_then(|v| v.to_str().ok()).unwrap_or("");
+                        tracing::info_span!("http", request_id, method = %req.method(), path = %req.uri().path())
+                    })
+                    .on_request(())
+                    .on_response(|res: &Response, latency: Duration, _span: &tracing::Span| {
+                        tracing::debug!(status = res.status().as_u16(), latency_us = latency.as_micros() as u64, "response");
+                    })
+                    .on_failure(()),
+            )
+            .layer(from_fn(error_envelope))
+            .layer(CatchPanicLayer::custom(|_panic| ApiError::internal("handler panicked").into_response()))
+            .layer(from_fn_with_state(state, track_metrics))
+            .layer(TimeoutLayer::with_status_code(StatusCode::REQUEST_TIMEOUT, timeout))
+            .layer(axum::extract::DefaultBodyLimit::max(body_bytes_max)),
+    )
+}
+
+/// Sets the [`SECURITY_HEADERS`] on every response that does not already carry them.
+async fn security_headers(req: Request, next: Next) -> Response {
+    let mut response = next.run(req).await;
+    let headers = response.headers_mut();
+    for (name, value) in SECURITY_HEADERS {
+        let name = HeaderName::from_static(name);
+        if !headers.contains_key(&name) {
+            headers.insert(name, HeaderValue::from_static(value));
+        }
+    }
+    response
+}
+
+/// Drops a client-sent request id that is too long or has odd characters, so a fresh one is
+/// generated; a well-formed one is kept for end-to-end tracing.
+async fn sanitize_request_id(mut req: Request, next: Next) -> Response {
+    let ok = req.headers().get(&REQUEST_ID_HEADER).is_none_or(|v| {
+        v.len() <= REQUEST_ID_BYTES_MAX
+            && v.as_bytes()
+                .iter()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'))
+    });
+    if !ok {
+        req.headers_mut().remove(&REQUEST_ID_HEADER);
+    }
+    next.run(req).await
+}
+
+/// Writes the JSON error body (with the request id) for every error response and logs the
+/// detail once.
+async fn error_envelope(req: Request, next: Next) -> Response {
+    let request_id = req
+        .headers()
+        .get(&REQUEST_ID_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string();
+    let mut response = next.run(req).await;
+    let status = response.status();
+    if !(status.is_client_error() || status.is_server_error()) {
+        return response;
+    }
+    let error = match response.extensions_mut().remove::<ApiError>() {
+        Some(error) => error,
+        None => {
+            let is_json = response
+                .headers()
+                .get(header::CONTENT_TYPE)
+                .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+            if is_json {
+                return response;
+            }
+            for_status(status)
+        }
+    };
+    if error.status.is_server_error() {
+        tracing::error!(
+            code = error.code,
+            detail = error.detail.as_deref().unwrap_or(""),
+            "request failed"
+        );
+    } else {
+        tracing::debug!(code = error.code, "request rejected");
+    }
+    let body = ErrorBody {
+        error: ErrorDetail {
+            code: error.code.to_string(),
+            message: error.message.into_owned(),
+            request_id,
+        },
+    };
+    let bytes = serde_json::to_vec(&body).unwrap_or_default();
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    headers.remove(header::CONTENT_LENGTH);
+    *response.body_mut() = Body::from(bytes);
+    response
+}
+
+/// Counts requests by matched route, method and status, and observes their latency.
+async fn track_metrics(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or("unmatched", |p| p.as_str())
+        .to_owned();
+    let method = method_label(req.method());
+    let metrics = &state.metrics;
+    metrics.http_requests_in_flight.inc();
+    let started = Instant::now();
+    let response = next.run(req).await;
+    metrics.http_requests_in_flight.dec();
+    metrics
+        .http_request_duration_seconds
+        .with_label_values(&[&route, method])
+        .observe(started.elapsed().as_secs_f64());
+    metrics
+        .http_requests_total
+        .with_label_values(&[&route, method, response.status().as_str()])
+        .inc();
+    response
+}
+
+/// A bounded set of method labels, so odd methods cannot grow the metric's cardinality.
+fn method_label(method: &Method) -> &'static str {
+    match *method {
+        Method::GET => "GET",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::PATCH => "PATCH",
+        Method::DELETE => "DELETE",
+        Method::HEAD => "HEAD",
+        Method::OPTIONS => "OPTIONS",
+        _ => "OTHER",
+    }
+}
+
+/// Authenticates the bearer credential, resolves the tenant, authorizes the action, and puts
+/// the [`RequestContext`] in the request's extensions.
+pub(crate) async fn authenticate(
+    State(state): State<AppState>,
+    mut req: Request,
+    next: Next,
+) -> Result<Response, ApiError> {
+    let bearer = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            v.strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("bearer "))
+        })
+        .map(str::trim);
+    let Some(bearer) = bearer.filter(|b| !b.is_empty()) else {
+        state
+            .metrics
+            .auth_failures_total
+            .with_label_values(&["missing"])
+            .inc();
+        return Err(ApiError::unauthenticated(
+            "missing bearer credential (Authorization: Bearer <key>)",
+        ));
+    };
+    let principal = match state.authenticator.authenticate(bearer).await {
+        Ok(principal) => principal,
+        Err(CoreError::Unauthenticated { reason }) => {
+            state
+                .metrics
+                .auth_failures_total
+                .with_label_values(&[reason])
+                .inc();
+            return Err(ApiError::unauthenticated(
+                "invalid, expired or revoked credential",
+            ));
+        }
+        Err(other) => return Err(other.into()),
+    };
+    let tenant = match req.headers().get(TENANT_HEADER) {
+        Some(value) => value
+            .to_str()
+            .ok()
+            .and_then(|v| v.parse::<TenantId>().ok())
+            .ok_or_else(|| {
+                ApiError::bad_request("invalid_tenant", "X-Nops-Tenant must be a valid tenant id")
+            })?,
+        None => principal
+            .tenant
+            .clone()
+            .unwrap_or_else(TenantId::default_tenant),
+    };
+    let action = if matches!(*req.method(), Method::GET | Method::HEAD) {
+        Action::Read
+    } else {
+        Action::Write
+    };
+    state.authorizer.authorize(&principal, action, &tenant)?;
+    req.extensions_mut()
+        .insert(RequestContext { principal, tenant });
+    Ok(next.run(req).await)
+}

@@ -1,0 +1,22 @@
+//! Route handlers, one module per resource.
+
+pub(crate) mod agents;
+pub(crate) mod health;
+
+use http::StatusCode;
+
+use crate::error::ApiError;
+
+/// Any path no route matches.
+pub(crate) async fn not_found() -> ApiError {
+    ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route")
+}
+
+/// A known path with a method it does not serve.
+pub(crate) async fn method_not_allowed() -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "method not allowed on this route",
+    )
+}

@@ -1,0 +1,405 @@
+//! Principals and API keys: who is calling, and how a key is made, recognised and stored.
+//!
+//! The HTTP edge asks an [`Authenticator`] who a bearer credential belongs to and an
+//! [`Authorizer`] whether that principal may act. Both are traits so that the identity layer
+//! (JWT, workload identity, ABAC policy plugins) replaces today's implementations without
+//! touching the routes.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use blake2::digest::{FixedOutput, Mac, Update};
+use blake2::{Blake2b, Blake2bMac, digest::consts::U32};
+use rand::Rng;
+use serde::Serialize;
+use subtle::ConstantTimeEq;
+use uuid::Uuid;
+
+use crate::clock::Clock;
+use crate::store::Store;
+use crate::tenant::TenantId;
+use crate::{CoreError, CoreResult};
+
+/// Every API key starts with this, so scanners and people recognise it.
+pub const API_KEY_PREFIX: &str = "nops_";
+/// Length of the random part, in base62 characters (190 bits).
+const API_KEY_RANDOM_CHARS: usize = 32;
+/// Length of the checksum, in base62 characters (a CRC-32 fits in 6).
+const API_KEY_CHECKSUM_CHARS: usize = 6;
+/// Total length of an API key.
+pub const API_KEY_CHARS: usize =
+    API_KEY_PREFIX.len() + API_KEY_RANDOM_CHARS + API_KEY_CHECKSUM_CHARS;
+/// Longest pepper accepted, in bytes (BLAKE2b's key size).
+pub const PEPPER_BYTES_MAX: usize = 64;
+
+const BASE62: &[u8; 62] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
+
+/// A newly generated API key. The secret exists only in this value; the store keeps its hash.
+pub struct GeneratedKey {
+    /// The full key, to show once.
+    pub secret: String,
+}
+
+impl std::fmt::Debug for GeneratedKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("GeneratedKey(<redacted>)")
+    }
+}
+
+/// Generates a key `nops_<32 random base62><6 base62 CRC-32 of the random part>`.
+pub fn generate_api_key() -> GeneratedKey {
+    let mut rng = rand::rng();
+    let random: String = (0..API_KEY_RANDOM_CHARS)
+        .map(|_| char::from(BASE62[rng.random_range(0..BASE62.len())]))
+        .collect();
+    let checksum = base62_fixed(crc32fast::hash(random.as_bytes()), API_KEY_CHECKSUM_CHARS);
+    GeneratedKey {
+        secret: format!("{API_KEY_PREFIX}{random}{checksum}"),
+    }
+}
+
+fn base62_fixed(mut value: u32, width: usize) -> String {
+    let mut out = vec![b'0'; width];
+    for slot in out.iter_mut().rev() {
+        *slot = BASE62[(value % 62) as usize];
+        value /= 62;
+    }
+    String::from_utf8(out).unwrap_or_default()
+}
+
+/// True when `candidate` has the shape and checksum of a key this kernel generates. Lets the
+/// edge (and secret scanners) reject look-alikes without touching the store.
+pub fn is_well_formed_api_key(candidate: &str) -> bool {
+    let Some(body) = candidate.strip_prefix(API_KEY_PREFIX) else {
+        return false;
+    };
+    if body.len() != API_KEY_RANDOM_CHARS + API_KEY_CHECKSUM_CHARS
+        || !body.bytes().all(|b| b.is_ascii_alphanumeric())
+    {
+        return false;
+    }
+    let (random, checksum) = body.split_at(API_KEY_RANDOM_CHARS);
+    base62_fixed(crc32fast::hash(random.as_bytes()), API_KEY_CHECKSUM_CHARS) == checksum
+}
+
+/// Hashes API keys for storage: BLAKE2b-256, keyed with the operator's pepper when one is
+/// configured, so a stolen database alone does not allow offline guessing.
+#[derive(Clone)]
+pub struct KeyHasher {
+    pepper: Option<Arc<[u8]>>,
+}
+
+impl std::fmt::Debug for KeyHasher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeyHasher")
+            .field("peppered", &self.pepper.is_some())
+            .finish()
+    }
+}
+
+impl KeyHasher {
+    /// A hasher with an optional pepper of 1 to 64 bytes.
+    pub fn new(pepper: Option<&[u8]>) -> CoreResult<Self> {
+        match pepper {
+            Some(p) if p.is_empty() || p.len() > PEPPER_BYTES_MAX => Err(CoreError::invalid(
+                "invalid_pepper",
+                format!("the API key pepper must be 1 to {PEPPER_BYTES_MAX} bytes"),
+            )),
+            _ => Ok(Self {
+                pepper: pepper.map(Arc::from),
+            }),
+        }
+    }
+
+    /// The 32-byte hash stored for `secret`.
+    pub fn hash(&self, secret: &str) -> [u8; 32] {
+        match &self.pepper {
+            Some(pepper) => {
+                // A 1..=64-byte key is always accepted by BLAKE2b; checked in `new`.
+                let mut mac = <Blake2bMac<U32> as Mac>::new_from_slice(pepper)
+                    .unwrap_or_else(|_| unreachable!("pepper length is checked in KeyHasher::new"));
+                Mac::update(&mut mac, secret.as_bytes());
+                mac.finalize().into_bytes().into()
+            }
+            None => {
+                let mut hasher = Blake2b::<U32>::default();
+                Update::update(&mut hasher, secret.as_bytes());
+                hasher.finalize_fixed().into()
+            }
+        }
+    }
+}
+
+/// Compares two hashes in constant time.
+pub fn hashes_equal(a: &[u8], b: &[u8]) -> bool {
+    a.ct_eq(b).into()
+}
+
+/// A stored API key (its hash, never the secret).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ApiKeyRecord {
+    /// Key id.
+    pub id: Uuid,
+    /// A human name, e.g. `bootstrap-admin`.
+    pub name: String,
+    /// Hash of the secret (see [`KeyHasher`]).
+    #[serde(skip)]
+    pub hash: Vec<u8>,
+    /// The tenant the key is bound to; `None` for a kernel-wide operator key.
+    pub tenant: Option<TenantId>,
+    /// Role of the principal the key authenticates.
+    pub role: Role,
+    /// Creation time (ms since the Unix epoch).
+    pub created_at_ms: i64,
+    /// Expiry (ms since the Unix epoch), if any.
+    pub expires_at_ms: Option<i64>,
+    /// Revocation time (ms since the Unix epoch), if revoked.
+    pub revoked_at_ms: Option<i64>,
+}
+
+/// What a principal is allowed to be.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    /// Operates the whole kernel, across tenants.
+    Admin,
+}
+
+impl Role {
+    /// The role as stored.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Admin => "admin",
+        }
+    }
+
+    /// Parses a stored role.
+    pub fn parse(s: &str) -> Option<Self> {
+        (s == "admin").then_some(Self::Admin)
+    }
+}
+
+/// Who is calling: the result of authentication, input to authorization.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Principal {
+    /// Stable id of the credential's subject (the key id for API keys).
+    pub subject: String,
+    /// The tenant the principal is bound to, or `None` for a kernel-wide operator.
+    pub tenant: Option<TenantId>,
+    /// The principal's role.
+    pub role: Role,
+}
+
+/// An action on a resource, as the authorizer sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    /// Read a resource.
+    Read,
+    /// Create, change or delete a resource.
+    Write,
+}
+
+/// Turns a bearer credential into a principal.
+#[async_trait]
+pub trait Authenticator: Send + Sync + 'static {
+    /// The principal behind `bearer`, or [`CoreError::Unauthenticated`].
+    async fn authenticate(&self, bearer: &str) -> CoreResult<Principal>;
+}
+
+/// Decides whether a principal may perform an action within a tenant.
+pub trait Authorizer: Send + Sync + 'static {
+    /// `Ok(())` to allow, [`CoreError::Forbidden`] to deny.
+    fn authorize(&self, principal: &Principal, action: Action, tenant: &TenantId)
+    -> CoreResult<()>;
+}
+
+/// Most key records the authenticator caches; the cache is emptied when it is full.
+const KEY_CACHE_ENTRIES_MAX: usize = 10_000;
+/// How long a cached key record is trusted before the store is asked again. A key revoked
+/// in the store stops working within this time.
+pub const KEY_CACHE_TTL_MS: i64 = 5_000;
+
+/// Authenticates the kernel's API keys against the store, with a short-lived cache of key
+/// records so that a hot path (heartbeats) does not read the store on every request.
+pub struct ApiKeyAuthenticator {
+    store: Arc<dyn Store>,
+    hasher: KeyHasher,
+    clock: Arc<dyn Clock>,
+    cache: dashmap::DashMap<[u8; 32], (ApiKeyRecord, i64)>,
+}
+
+impl ApiKeyAuthenticator {
+    /// An authenticator over `store`.
+    pub fn new(store: Arc<dyn Store>, hasher: KeyHasher, clock: Arc<dyn Clock>) -> Self {
+        Self {
+            store,
+            hasher,
+            clock,
+            cache: dashmap::DashMap::new(),
+        }
+    }
+
+    async fn record(&self, hash: [u8; 32], now_ms: i64) -> CoreResult<Option<ApiKeyRecord>> {
+        if let Some(cached) = self.cache.get(&hash)
+            && now_ms - cached.1 < KEY_CACHE_TTL_MS
+        {
+            return Ok(Some(cached.0.clone()));
+        }
+        let record = self
+            .store
+            .find_api_key(&hash)
+            .await?
+            .filter(|r| hashes_equal(&r.hash, &hash));
+        if let Some(record) = &record {
+            if self.cache.len() >= KEY_CACHE_ENTRIES_MAX {
+                self.cache.clear();
+            }
+            self.cache.insert(hash, (record.clone(), now_ms));
+        }
+        Ok(record)
+    }
+}
+
+#[async_trait]
+impl Authenticator for ApiKeyAuthenticator {
+    async fn authenticate(&self, bearer: &str) -> CoreResult<Principal> {
+        if !is_well_formed_api_key(bearer) {
+            return Err(CoreError::Unauthenticated {
+                reason: "malformed",
+            });
+        }
+        let hash = self.hasher.hash(bearer);
+        let now_ms = self.clock.now_ms();
+        let record = self
+            .record(hash, now_ms)
+            .await?
+            .ok_or(CoreError::Unauthenticated {
+                reason: "unknown_key",
+            })?;
+        if record.revoked_at_ms.is_some() {
+            return Err(CoreError::Unauthenticated { reason: "revoked" });
+        }
+        if record.expires_at_ms.is_some_and(|exp| exp <= now_ms) {
+            return Err(CoreError::Unauthenticated { reason: "expired" });
+        }
+        Ok(Principal {
+            subject: record.id.to_string(),
+            tenant: record.tenant,
+            role: record.role,
+        })
+    }
+}
+
+/// The authorizer of the bootstrap seam: admins may do anything; a tenant-bound principal only
+/// within its own tenant.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct RoleAuthorizer;
+
+impl Authorizer for RoleAuthorizer {
+    fn authorize(
+        &self,
+        principal: &Principal,
+        _action: Action,
+        tenant: &TenantId,
+    ) -> CoreResult<()> {
+        match &principal.tenant {
+            Some(bound) if bound != tenant => Err(CoreError::Forbidden),
+            _ => match principal.role {
+                Role::Admin => Ok(()),
+            },
+        }
+    }
+}
+
+/// Creates the bootstrap admin key if the store has no key yet. Returns the secret when this
+/// call created it (the caller prints it once) and `None` on every later start. Safe when two
+/// kernels start at once on one database: only one of them wins the claim.
+pub async fn ensure_bootstrap_key(
+    store: &dyn Store,
+    hasher: &KeyHasher,
+    now_ms: i64,
+) -> CoreResult<Option<GeneratedKey>> {
+    if store.api_key_count().await? > 0 {
+        return Ok(None);
+    }
+    let key = generate_api_key();
+    let record = ApiKeyRecord {
+        id: Uuid::now_v7(),
+        name: "bootstrap-admin".into(),
+        hash: hasher.hash(&key.secret).to_vec(),
+        tenant: None,
+        role: Role::Admin,
+        created_at_ms: now_ms,
+        expires_at_ms: None,
+        revoked_at_ms: None,
+    };
+    let created = store.insert_bootstrap_key(&record).await?;
+    Ok(created.then_some(key))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn generated_keys_are_well_formed_and_distinct() {
+        let a = generate_api_key();
+        let b = generate_api_key();
+        assert_eq!(a.secret.len(), API_KEY_CHARS);
+        assert!(is_well_formed_api_key(&a.secret));
+        assert_ne!(a.secret, b.secret);
+    }
+
+    #[test]
+    fn look_alikes_fail_the_checksum() {
+        let key = generate_api_key().secret;
+        let mut bytes = key.clone().into_bytes();
+        let i = API_KEY_PREFIX.len() + 3;
+        bytes[i] = if bytes[i] == b'a' { b'b' } else { b'a' };
+        let tampered = String::from_utf8(bytes).expect("ascii");
+        assert!(!is_well_formed_api_key(&tampered));
+        assert!(!is_well_formed_api_key(&key[1..]));
+        assert!(!is_well_formed_api_key(&format!("{key}x")));
+        assert!(!is_well_formed_api_key(""));
+    }
+
+    #[test]
+    fn pepper_changes_the_hash() {
+        let plain = KeyHasher::new(None).expect("hasher");
+        let peppered = KeyHasher::new(Some(b"pepper")).expect("hasher");
+        assert_ne!(plain.hash("nops_x"), peppered.hash("nops_x"));
+        assert_eq!(plain.hash("nops_x"), plain.hash("nops_x"));
+        assert!(KeyHasher::new(Some(b"")).is_err());
+        assert!(KeyHasher::new(Some(&[0u8; 65])).is_err());
+    }
+
+    #[test]
+    fn tenant_bound_principals_stay_in_their_tenant() {
+        let acme: TenantId = "acme".parse().expect("tenant");
+        let other: TenantId = "other".parse().expect("tenant");
+        let bound = Principal {
+            subject: "k".into(),
+            tenant: Some(acme.clone()),
+            role: Role::Admin,
+        };
+        let global = Principal {
+            tenant: None,
+            ..bound.clone()
+        };
+        assert!(
+            RoleAuthorizer
+                .authorize(&bound, Action::Read, &acme)
+                .is_ok()
+        );
+        assert!(
+            RoleAuthorizer
+                .authorize(&bound, Action::Write, &other)
+                .is_err()
+        );
+        assert!(
+            RoleAuthorizer
+                .authorize(&global, Action::Write, &other)
+                .is_ok()
+        );
+    }
+}

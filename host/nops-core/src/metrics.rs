@@ -1,0 +1,157 @@
+//! The kernel's Prometheus metrics, registered once and shared by every layer.
+
+use prometheus::{
+    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry,
+};
+
+/// Every metric the kernel exports, in one Prometheus registry.
+#[derive(Clone)]
+pub struct Metrics {
+    /// The registry `/metrics` renders.
+    pub registry: Registry,
+    /// HTTP requests by matched route, method and status.
+    pub http_requests_total: IntCounterVec,
+    /// HTTP request latency by matched route and method, in seconds.
+    pub http_request_duration_seconds: HistogramVec,
+    /// HTTP requests being served now.
+    pub http_requests_in_flight: IntGauge,
+    /// Agents by lifecycle status.
+    pub agents: IntGaugeVec,
+    /// Heartbeats accepted.
+    pub heartbeats_total: IntCounter,
+    /// Heartbeat states written to the store.
+    pub heartbeats_flushed_total: IntCounter,
+    /// Heartbeat flushes that failed (and will be retried).
+    pub heartbeat_flush_errors_total: IntCounter,
+    /// Duration of a heartbeat flush, in seconds.
+    pub heartbeat_flush_duration_seconds: Histogram,
+    /// Heartbeat states waiting to be flushed.
+    pub heartbeats_pending: IntGauge,
+    /// Lifecycle transitions by target status (`removed` for TTL expiry).
+    pub agent_transitions_total: IntCounterVec,
+    /// Open store connections.
+    pub store_pool_connections: IntGauge,
+    /// Idle store connections.
+    pub store_pool_idle: IntGauge,
+    /// Configured maximum of store connections.
+    pub store_pool_max: IntGauge,
+    /// Authentication failures by reason.
+    pub auth_failures_total: IntCounterVec,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Metrics")
+    }
+}
+
+/// Latency buckets for HTTP and store calls, in seconds (50 µs to 10 s).
+const LATENCY_BUCKETS_SECONDS: &[f64] = &[
+    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+    2.5, 10.0,
+];
+
+impl Metrics {
+    /// Creates and registers every metric under the `nops_` prefix.
+    pub fn new() -> Self {
+        let registry = Registry::new_custom(Some("nops".into()), None)
+            .unwrap_or_else(|_| unreachable!("a static prefix is a valid registry"));
+        let reg = |c: Box<dyn prometheus::core::Collector>| {
+            registry
+                .register(c)
+                .unwrap_or_else(|e| unreachable!("metric names are static and unique: {e}"));
+        };
+        // Metric definitions are static; construction fails only on a programming error.
+        let counter_vec = |name: &str, help: &str, labels: &[&str]| {
+            let m = IntCounterVec::new(Opts::new(name, help), labels)
+                .unwrap_or_else(|e| unreachable!("static metric {name}: {e}"));
+            reg(Box::new(m.clone()));
+            m
+        };
+        let counter = |name: &str, help: &str| {
+            let m = IntCounter::new(name, help)
+                .unwrap_or_else(|e| unreachable!("static metric {name}: {e}"));
+            reg(Box::new(m.clone()));
+            m
+        };
+        let gauge = |name: &str, help: &str| {
+            let m = IntGauge::new(name, help)
+                .unwrap_or_else(|e| unreachable!("static metric {name}: {e}"));
+            reg(Box::new(m.clone()));
+            m
+        };
+        let http_request_duration_seconds = HistogramVec::new(
+            HistogramOpts::new(
+                "http_request_duration_seconds",
+                "HTTP request latency in seconds",
+            )
+            .buckets(LATENCY_BUCKETS_SECONDS.to_vec()),
+            &["route", "method"],
+        )
+        .unwrap_or_else(|e| unreachable!("static metric: {e}"));
+        reg(Box::new(http_request_duration_seconds.clone()));
+        let heartbeat_flush_duration_seconds = Histogram::with_opts(
+            HistogramOpts::new(
+                "heartbeat_flush_duration_seconds",
+                "Duration of one heartbeat flush in seconds",
+            )
+            .buckets(LATENCY_BUCKETS_SECONDS.to_vec()),
+        )
+        .unwrap_or_else(|e| unreachable!("static metric: {e}"));
+        reg(Box::new(heartbeat_flush_duration_seconds.clone()));
+        let agents = IntGaugeVec::new(
+            Opts::new("agents", "Agents by lifecycle status"),
+            &["status"],
+        )
+        .unwrap_or_else(|e| unreachable!("static metric: {e}"));
+        reg(Box::new(agents.clone()));
+        Self {
+            http_requests_total: counter_vec(
+                "http_requests_total",
+                "HTTP requests by matched route, method and status",
+                &["route", "method", "status"],
+            ),
+            http_request_duration_seconds,
+            http_requests_in_flight: gauge("http_requests_in_flight", "HTTP requests being served"),
+            agents,
+            heartbeats_total: counter("heartbeats_total", "Heartbeats accepted"),
+            heartbeats_flushed_total: counter(
+                "heartbeats_flushed_total",
+                "Heartbeat states written to the store",
+            ),
+            heartbeat_flush_errors_total: counter(
+                "heartbeat_flush_errors_total",
+                "Heartbeat flushes that failed and will be retried",
+            ),
+            heartbeat_flush_duration_seconds,
+            heartbeats_pending: gauge(
+                "heartbeats_pending",
+                "Heartbeat states waiting to be flushed",
+            ),
+            agent_transitions_total: counter_vec(
+                "agent_transitions_total",
+                "Agent lifecycle transitions by target status",
+                &["to"],
+            ),
+            store_pool_connections: gauge("store_pool_connections", "Open store connections"),
+            store_pool_idle: gauge("store_pool_idle_connections", "Idle store connections"),
+            store_pool_max: gauge(
+                "store_pool_max_connections",
+                "Configured maximum of store connections",
+            ),
+            auth_failures_total: counter_vec(
+                "auth_failures_total",
+                "Authentication failures by reason",
+                &["reason"],
+            ),
+            registry,
+        }
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

@@ -1,0 +1,888 @@
+//! The agent registry: definitions in the store, live heartbeat state in memory, and the TTL
+//! lifecycle that moves silent agents from healthy to stale to zombie to removed.
+//!
+//! # Heartbeats
+//! A heartbeat updates the agent's entry in the in-memory live table and marks it dirty; it
+//! does not touch the store (unless it revives a stale or zombie agent, which is rare and
+//! written at once). A flusher writes the dirty entries in batches every
+//! `heartbeat_flush_interval_ms`, one transaction per batch. Reads overlay the live table, so
+//! the latest heartbeat is visible through the API at once.
+//!
+//! **What a crash can lose:** the heartbeats received since the last successful flush, i.e.
+//! at most `heartbeat_flush_interval_ms` of them (plus any flush still failing and being
+//! retried). Nothing else: registrations, updates, deletions and status changes are written
+//! before the request returns. After a restart an agent's last-seen time is at most one flush
+//! interval old, which the TTL thresholds (seconds to minutes) absorb.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::time::{Duration, Instant};
+
+use dashmap::DashMap;
+use semver::VersionReq;
+use serde::Serialize;
+use tokio::sync::watch;
+
+use crate::agent::{
+    Agent, AgentEvent, AgentEventKind, AgentId, AgentPatch, AgentStatus, Load, NewAgent,
+    validate_definition,
+};
+use crate::clock::Clock;
+use crate::metrics::Metrics;
+use crate::store::{AgentFilter, AgentLiveSeed, HeartbeatRecord, StatusChange, Store, StoreError};
+use crate::tenant::TenantId;
+use crate::{CoreError, CoreResult};
+
+/// Thresholds of the TTL lifecycle, measured from the last heartbeat (or registration).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TtlConfig {
+    /// Silent this long → `stale`.
+    pub stale_after_ms: i64,
+    /// Silent this long → `zombie`.
+    pub zombie_after_ms: i64,
+    /// Silent this long → removed.
+    pub remove_after_ms: i64,
+}
+
+impl Default for TtlConfig {
+    fn default() -> Self {
+        Self {
+            stale_after_ms: 30_000,
+            zombie_after_ms: 120_000,
+            remove_after_ms: 600_000,
+        }
+    }
+}
+
+impl TtlConfig {
+    /// Checks that the thresholds are positive and increasing.
+    pub fn validate(&self) -> CoreResult<()> {
+        if !(0 < self.stale_after_ms
+            && self.stale_after_ms < self.zombie_after_ms
+            && self.zombie_after_ms < self.remove_after_ms)
+        {
+            return Err(CoreError::invalid(
+                "invalid_config",
+                "TTL thresholds must satisfy 0 < stale_after_ms < zombie_after_ms < remove_after_ms",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Where an agent silent for `silent_ms` belongs; `None` means removed.
+    pub fn status_for(&self, silent_ms: i64) -> Option<AgentStatus> {
+        if silent_ms >= self.remove_after_ms {
+            None
+        } else if silent_ms >= self.zombie_after_ms {
+            Some(AgentStatus::Zombie)
+        } else if silent_ms >= self.stale_after_ms {
+            Some(AgentStatus::Stale)
+        } else {
+            Some(AgentStatus::Healthy)
+        }
+    }
+}
+
+/// Settings of the registry.
+#[derive(Debug, Clone)]
+pub struct RegistryConfig {
+    /// Lifecycle thresholds.
+    pub ttl: TtlConfig,
+    /// How often dirty heartbeat state is written to the store.
+    pub heartbeat_flush_interval_ms: u64,
+    /// Most heartbeat states written in one transaction.
+    pub heartbeat_flush_batch_max: usize,
+    /// How often the TTL sweeper runs.
+    pub sweep_interval_ms: u64,
+    /// Most agents the kernel holds (the live table's limit).
+    pub agents_max: usize,
+    /// Largest page a listing returns.
+    pub list_limit_max: u32,
+}
+
+impl Default for RegistryConfig {
+    fn default() -> Self {
+        Self {
+            ttl: TtlConfig::default(),
+            heartbeat_flush_interval_ms: 500,
+            heartbeat_flush_batch_max: 2_000,
+            sweep_interval_ms: 1_000,
+            agents_max: 1_000_000,
+            list_limit_max: 500,
+        }
+    }
+}
+
+/// Rows fetched per round when a listing filters by version in memory.
+const VERSION_SCAN_CHUNK_ROWS: u32 = 1_000;
+/// Most rows one listing scans when filtering by version, so a query cannot scan forever.
+const VERSION_SCAN_ROWS_MAX: u32 = 200_000;
+
+/// Most lifecycle changes one sweep writes; the rest wait for the next sweep, so one
+/// transaction stays short even when a whole fleet goes silent at once.
+const SWEEP_CHANGES_MAX: usize = 5_000;
+
+/// What the registry keeps in memory about one agent.
+#[derive(Debug, Clone)]
+struct LiveEntry {
+    tenant: TenantId,
+    status: AgentStatus,
+    last_seen_ms: i64,
+    heartbeat: Option<(i64, Load)>,
+    dirty: bool,
+}
+
+impl LiveEntry {
+    fn from_seed(seed: AgentLiveSeed) -> Self {
+        Self {
+            tenant: seed.tenant,
+            status: seed.status,
+            last_seen_ms: seed.last_seen_ms,
+            heartbeat: None,
+            dirty: false,
+        }
+    }
+}
+
+/// A listing request.
+#[derive(Debug, Clone, Default)]
+pub struct AgentQuery {
+    /// Store-side filters (the tenant is always set by the caller's context).
+    pub filter: AgentFilter,
+    /// Only agents whose capability (named in `filter.capability`) satisfies this requirement.
+    pub version: Option<VersionReq>,
+    /// Page size.
+    pub limit: u32,
+}
+
+/// One page of agents.
+#[derive(Debug, Clone, Serialize)]
+pub struct AgentPage {
+    /// The agents, ordered by id.
+    pub items: Vec<Agent>,
+    /// Pass as `after` to get the next page; absent on the last page.
+    pub next_after: Option<AgentId>,
+}
+
+/// What a heartbeat returns to the agent.
+#[derive(Debug, Clone, Serialize)]
+pub struct HeartbeatAck {
+    /// The agent's status after this heartbeat (always `healthy`).
+    pub status: AgentStatus,
+    /// When the kernel recorded the heartbeat (ms since the Unix epoch).
+    pub at_ms: i64,
+    /// How often the agent should send heartbeats to stay healthy.
+    pub heartbeat_interval_ms: i64,
+}
+
+/// The state of the background work, for `/health/extended`.
+#[derive(Debug, Clone, Serialize)]
+pub struct RegistryHealth {
+    /// Agents in the live table.
+    pub agents: usize,
+    /// Heartbeat states waiting to be flushed.
+    pub heartbeats_pending: usize,
+    /// When the last successful flush finished (ms since the Unix epoch), 0 if none yet.
+    pub last_flush_at_ms: i64,
+    /// When the last sweep finished (ms since the Unix epoch), 0 if none yet.
+    pub last_sweep_at_ms: i64,
+    /// The last flush or sweep error, if the last attempt failed.
+    pub last_error: Option<String>,
+}
+
+/// The agent registry service.
+pub struct Registry {
+    store: Arc<dyn Store>,
+    clock: Arc<dyn Clock>,
+    metrics: Metrics,
+    config: RegistryConfig,
+    live: DashMap<AgentId, LiveEntry>,
+    /// Ids whose live entry became dirty since the last flush; each id at most once.
+    pending: Mutex<Vec<AgentId>>,
+    /// Serialises lifecycle transitions (sweeps and revivals) so memory and store agree.
+    transitions: tokio::sync::Mutex<()>,
+    last_flush_at_ms: AtomicI64,
+    last_sweep_at_ms: AtomicI64,
+    last_error: Mutex<Option<String>>,
+}
+
+impl std::fmt::Debug for Registry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Registry")
+            .field("agents", &self.live.len())
+            .finish()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A panic while holding these locks cannot leave their data inconsistent (plain pushes
+    // and swaps), so a poisoned lock is used as is.
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl Registry {
+    /// A registry over `store`; call [`Registry::load`] before serving.
+    pub fn new(
+        store: Arc<dyn Store>,
+        clock: Arc<dyn Clock>,
+        metrics: Metrics,
+        config: RegistryConfig,
+    ) -> CoreResult<Self> {
+        config.ttl.validate()?;
+        Ok(Self {
+            store,
+            clock,
+            metrics,
+            config,
+            live: DashMap::new(),
+            pending: Mutex::new(Vec::new()),
+            transitions: tokio::sync::Mutex::new(()),
+            last_flush_at_ms: AtomicI64::new(0),
+            last_sweep_at_ms: AtomicI64::new(0),
+            last_error: Mutex::new(None),
+        })
+    }
+
+    /// The registry's settings.
+    pub fn config(&self) -> &RegistryConfig {
+        &self.config
+    }
+
+    /// Loads every agent's live seed from the store.
+    pub async fn load(&self) -> CoreResult<usize> {
+        let seeds = self.store.load_live_seeds().await?;
+        let count = seeds.len();
+        for seed in seeds {
+            self.live.insert(seed.id, LiveEntry::from_seed(seed));
+        }
+        self.refresh_status_gauges();
+        Ok(count)
+    }
+
+    /// Registers an agent in `tenant`.
+    pub async fn create(&self, tenant: &TenantId, new: NewAgent) -> CoreResult<Agent> {
+        validate_definition(
+            &new.name,
+            new.endpoint.as_deref(),
+            &new.labels,
+            &new.capabilities,
+        )?;
+        if self.live.len() >= self.config.agents_max {
+            return Err(CoreError::LimitExceeded {
+                message: format!(
+                    "the kernel holds at most {} agents (agents_max)",
+                    self.config.agents_max
+                )
+                .into(),
+            });
+        }
+        let now_ms = self.clock.now_ms();
+        let agent = Agent {
+            id: AgentId::new(),
+            tenant: tenant.clone(),
+            name: new.name,
+            endpoint: new.endpoint,
+            labels: new.labels,
+            capabilities: new.capabilities,
+            status: AgentStatus::Healthy,
+            created_at_ms: now_ms,
+            updated_at_ms: now_ms,
+            last_heartbeat_at_ms: None,
+            load: None,
+            revision: 1,
+        };
+        let event = AgentEvent::new(&agent, AgentEventKind::Registered, now_ms);
+        self.store
+            .insert_agent(&agent, &event)
+            .await
+            .map_err(name_conflict)?;
+        self.live.insert(
+            agent.id,
+            LiveEntry {
+                tenant: tenant.clone(),
+                status: agent.status,
+                last_seen_ms: now_ms,
+                heartbeat: None,
+                dirty: false,
+            },
+        );
+        self.metrics.agents.with_label_values(&["healthy"]).inc();
+        Ok(agent)
+    }
+
+    /// The agent `id` in `tenant`, with its latest heartbeat.
+    pub async fn get(&self, tenant: &TenantId, id: AgentId) -> CoreResult<Agent> {
+        let mut agent = self
+            .store
+            .get_agent(tenant, id)
+            .await?
+            .ok_or(CoreError::NotFound { what: "agent" })?;
+        self.overlay(&mut agent);
+        Ok(agent)
+    }
+
+    /// Applies `patch` to the agent `id` in `tenant`.
+    pub async fn update(
+        &self,
+        tenant: &TenantId,
+        id: AgentId,
+        patch: AgentPatch,
+    ) -> CoreResult<Agent> {
+        let current = self.get(tenant, id).await?;
+        if let Some(expected) = patch.revision
+            && expected != current.revision
+        {
+            return Err(revision_conflict(current.revision));
+        }
+        let mut next = current.clone();
+        if let Some(name) = patch.name {
+            next.name = name;
+        }
+        if let Some(endpoint) = patch.endpoint {
+            next.endpoint = endpoint;
+        }
+        if let Some(labels) = patch.labels {
+            next.labels = labels;
+        }
+        if let Some(capabilities) = patch.capabilities {
+            next.capabilities = capabilities;
+        }
+        validate_definition(
+            &next.name,
+            next.endpoint.as_deref(),
+            &next.labels,
+            &next.capabilities,
+        )?;
+        let now_ms = self.clock.now_ms();
+        next.updated_at_ms = now_ms;
+        next.revision = current.revision + 1;
+        let event = AgentEvent::new(&next, AgentEventKind::Updated, now_ms);
+        let updated = self
+            .store
+            .update_agent(&next, current.revision, &event)
+            .await
+            .map_err(name_conflict)?;
+        if !updated {
+            // Deleted or changed by someone else between our read and write.
+            return match self.store.get_agent(tenant, id).await? {
+                Some(agent) => Err(revision_conflict(agent.revision)),
+                None => Err(CoreError::NotFound { what: "agent" }),
+            };
+        }
+        Ok(next)
+    }
+
+    /// Deletes the agent `id` in `tenant`.
+    pub async fn delete(&self, tenant: &TenantId, id: AgentId) -> CoreResult<()> {
+        let now_ms = self.clock.now_ms();
+        let status = self
+            .live
+            .get(&id)
+            .map_or(AgentStatus::Healthy, |e| e.status);
+        let event = AgentEvent {
+            seq: 0,
+            tenant: tenant.clone(),
+            agent_id: id,
+            kind: AgentEventKind::Deleted,
+            from_status: Some(status),
+            to_status: None,
+            at_ms: now_ms,
+        };
+        if !self.store.delete_agent(tenant, id, &event).await? {
+            return Err(CoreError::NotFound { what: "agent" });
+        }
+        if self
+            .live
+            .remove_if(&id, |_, e| &e.tenant == tenant)
+            .is_some()
+        {
+            self.metrics
+                .agents
+                .with_label_values(&[status.as_str()])
+                .dec();
+        }
+        Ok(())
+    }
+
+    /// A page of agents matching `query`.
+    pub async fn list(&self, query: AgentQuery) -> CoreResult<AgentPage> {
+        let limit = query.limit.clamp(1, self.config.list_limit_max);
+        let Some(version) = &query.version else {
+            let mut items = self.store.list_agents(&query.filter, limit).await?;
+            items.iter_mut().for_each(|a| self.overlay(a));
+            let next_after = (items.len() == limit as usize)
+                .then(|| items.last().map(|a| a.id))
+                .flatten();
+            return Ok(AgentPage { items, next_after });
+        };
+        let capability = query.filter.capability.clone().ok_or_else(|| {
+            CoreError::invalid(
+                "invalid_query",
+                "a version requirement needs a capability to apply to",
+            )
+        })?;
+        // Versions are compared with semver rules, which SQL cannot do: scan the capability's
+        // agents in id order and keep those that match, up to a bounded number of rows.
+        let mut filter = query.filter.clone();
+        let mut items = Vec::with_capacity(limit as usize);
+        let mut scanned_rows = 0u32;
+        loop {
+            let chunk = self
+                .store
+                .list_agents(&filter, VERSION_SCAN_CHUNK_ROWS)
+                .await?;
+            let chunk_len = chunk.len();
+            scanned_rows += chunk_len as u32;
+            let mut last_seen = None;
+            for mut agent in chunk {
+                last_seen = Some(agent.id);
+                let matches = agent
+                    .capabilities
+                    .iter()
+                    .any(|c| c.name == capability && version.matches(&c.version));
+                if matches {
+                    self.overlay(&mut agent);
+                    items.push(agent);
+                    if items.len() == limit as usize {
+                        let next_after = items.last().map(|a| a.id);
+                        return Ok(AgentPage { items, next_after });
+                    }
+                }
+            }
+            if chunk_len < VERSION_SCAN_CHUNK_ROWS as usize {
+                return Ok(AgentPage {
+                    items,
+                    next_after: None,
+                });
+            }
+            if scanned_rows >= VERSION_SCAN_ROWS_MAX {
+                // Return what was found; the cursor resumes the scan where it stopped.
+                return Ok(AgentPage {
+                    items,
+                    next_after: last_seen,
+                });
+            }
+            filter.after = last_seen;
+        }
+    }
+
+    /// Records a heartbeat from agent `id` of `tenant`.
+    pub async fn heartbeat(
+        &self,
+        tenant: &TenantId,
+        id: AgentId,
+        load: Load,
+    ) -> CoreResult<HeartbeatAck> {
+        load.validate()?;
+        let now_ms = self.clock.now_ms();
+        if !self.live.contains_key(&id) {
+            // Registered by another kernel on the same database, or not at all.
+            let seed = self
+                .store
+                .get_live_seed(id)
+                .await?
+                .ok_or(CoreError::NotFound { what: "agent" })?;
+            if &seed.tenant != tenant {
+                return Err(CoreError::NotFound { what: "agent" });
+            }
+            if self.live.len() >= self.config.agents_max {
+                return Err(CoreError::LimitExceeded {
+                    message: format!(
+                        "the kernel holds at most {} agents (agents_max)",
+                        self.config.agents_max
+                    )
+                    .into(),
+                });
+            }
+            let status = seed.status;
+            if self.live.insert(id, LiveEntry::from_seed(seed)).is_none() {
+                self.metrics
+                    .agents
+                    .with_label_values(&[status.as_str()])
+                    .inc();
+            }
+        }
+        let needs_revive = {
+            let mut entry = self
+                .live
+                .get_mut(&id)
+                .ok_or(CoreError::NotFound { what: "agent" })?;
+            if &entry.tenant != tenant {
+                return Err(CoreError::NotFound { what: "agent" });
+            }
+            entry.last_seen_ms = now_ms;
+            entry.heartbeat = Some((now_ms, load));
+            if !entry.dirty {
+                entry.dirty = true;
+                lock(&self.pending).push(id);
+                self.metrics.heartbeats_pending.inc();
+            }
+            entry.status != AgentStatus::Healthy
+        };
+        self.metrics.heartbeats_total.inc();
+        if needs_revive {
+            let _serial = self.transitions.lock().await;
+            self.revive(id, now_ms).await?;
+        }
+        Ok(HeartbeatAck {
+            status: AgentStatus::Healthy,
+            at_ms: now_ms,
+            heartbeat_interval_ms: self.config.ttl.stale_after_ms / 3,
+        })
+    }
+
+    /// Moves a heard-from agent back to healthy, in the store and in memory. The caller holds
+    /// the transitions lock.
+    async fn revive(&self, id: AgentId, now_ms: i64) -> CoreResult<()> {
+        let Some((tenant, from)) = self.live.get(&id).map(|e| (e.tenant.clone(), e.status)) else {
+            return Ok(());
+        };
+        if from == AgentStatus::Healthy {
+            return Ok(());
+        }
+        let change = StatusChange {
+            event: AgentEvent {
+                seq: 0,
+                tenant,
+                agent_id: id,
+                kind: AgentEventKind::StatusChanged,
+                from_status: Some(from),
+                to_status: Some(AgentStatus::Healthy),
+                at_ms: now_ms,
+            },
+            last_seen_at_or_before_ms: i64::MAX,
+            remove: false,
+        };
+        self.store
+            .apply_status_changes(std::slice::from_ref(&change))
+            .await?;
+        if let Some(mut entry) = self.live.get_mut(&id) {
+            entry.status = AgentStatus::Healthy;
+        }
+        self.count_transition(Some(AgentStatus::Healthy));
+        Ok(())
+    }
+
+    /// Writes dirty heartbeat state to the store in batches; returns how many were written.
+    pub async fn flush_heartbeats(&self) -> CoreResult<usize> {
+        let ids = std::mem::take(&mut *lock(&self.pending));
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        let started = Instant::now();
+        let mut records = Vec::with_capacity(ids.len());
+        for id in ids {
+            if let Some(mut entry) = self.live.get_mut(&id)
+                && entry.dirty
+            {
+                entry.dirty = false;
+                if let Some((at_ms, load)) = &entry.heartbeat {
+                    records.push(HeartbeatRecord {
+                        id,
+                        at_ms: *at_ms,
+                        load: load.clone(),
+                        status: entry.status,
+                    });
+                }
+            }
+        }
+        self.metrics
+            .heartbeats_pending
+            .set(lock(&self.pending).len() as i64);
+        let mut written = 0;
+        let batch_max = self.config.heartbeat_flush_batch_max.max(1);
+        for (i, batch) in records.chunks(batch_max).enumerate() {
+            if let Err(err) = self.store.write_heartbeats(batch).await {
+                // Put everything not yet written back, unless a newer heartbeat already did.
+                for record in &records[i * batch_max..] {
+                    if let Some(mut entry) = self.live.get_mut(&record.id)
+                        && !entry.dirty
+                    {
+                        entry.dirty = true;
+                        lock(&self.pending).push(record.id);
+                    }
+                }
+                self.metrics.heartbeat_flush_errors_total.inc();
+                self.metrics
+                    .heartbeats_pending
+                    .set(lock(&self.pending).len() as i64);
+                *lock(&self.last_error) = Some(format!("heartbeat flush: {err}"));
+                return Err(err.into());
+            }
+            written += batch.len();
+        }
+        self.metrics.heartbeats_flushed_total.inc_by(written as u64);
+        self.metrics
+            .heartbeat_flush_duration_seconds
+            .observe(started.elapsed().as_secs_f64());
+        self.last_flush_at_ms
+            .store(self.clock.now_ms(), Ordering::Relaxed);
+        *lock(&self.last_error) = None;
+        Ok(written)
+    }
+
+    /// Runs one pass of the TTL lifecycle; returns the events it recorded.
+    pub async fn sweep(&self) -> CoreResult<Vec<AgentEvent>> {
+        let _serial = self.transitions.lock().await;
+        let now_ms = self.clock.now_ms();
+        let ttl = self.config.ttl;
+        let mut changes = Vec::new();
+        for entry in &self.live {
+            if changes.len() == SWEEP_CHANGES_MAX {
+                break;
+            }
+            let target = ttl.status_for(now_ms - entry.last_seen_ms);
+            // The sweeper only degrades; heartbeats revive.
+            let degrade = match target {
+                None => true,
+                Some(to) => rank(to) > rank(entry.status),
+            };
+            if degrade {
+                changes.push(StatusChange {
+                    event: AgentEvent {
+                        seq: 0,
+                        tenant: entry.tenant.clone(),
+                        agent_id: *entry.key(),
+                        kind: if target.is_none() {
+                            AgentEventKind::Expired
+                        } else {
+                            AgentEventKind::StatusChanged
+                        },
+                        from_status: Some(entry.status),
+                        to_status: target,
+                        at_ms: now_ms,
+                    },
+                    last_seen_at_or_before_ms: entry.last_seen_ms,
+                    remove: target.is_none(),
+                });
+            }
+        }
+        if changes.is_empty() {
+            self.last_sweep_at_ms.store(now_ms, Ordering::Relaxed);
+            return Ok(Vec::new());
+        }
+        let applied = match self.store.apply_status_changes(&changes).await {
+            Ok(applied) => applied,
+            Err(err) => {
+                *lock(&self.last_error) = Some(format!("TTL sweep: {err}"));
+                return Err(err.into());
+            }
+        };
+        let applied_ids: HashSet<AgentId> = applied.iter().map(|e| e.agent_id).collect();
+        let mut revive = Vec::new();
+        for change in &changes {
+            let id = change.event.agent_id;
+            if !applied_ids.contains(&id) {
+                // The store knows a newer heartbeat (another kernel's) or the agent is gone.
+                self.reseed(id).await?;
+                continue;
+            }
+            let to = change.event.to_status;
+            if change.remove {
+                self.live.remove(&id);
+            } else if let Some(mut entry) = self.live.get_mut(&id) {
+                if let Some(to) = to {
+                    entry.status = to;
+                }
+                if entry.last_seen_ms > change.last_seen_at_or_before_ms {
+                    // A heartbeat arrived while this sweep was writing.
+                    revive.push(id);
+                }
+            }
+            self.count_transition(to);
+        }
+        for id in revive {
+            self.revive(id, now_ms).await?;
+        }
+        self.refresh_status_gauges();
+        self.last_sweep_at_ms.store(now_ms, Ordering::Relaxed);
+        Ok(applied)
+    }
+
+    async fn reseed(&self, id: AgentId) -> CoreResult<()> {
+        match self.store.get_live_seed(id).await? {
+            Some(seed) => {
+                if let Some(mut entry) = self.live.get_mut(&id) {
+                    entry.status = seed.status;
+                    entry.last_seen_ms = entry.last_seen_ms.max(seed.last_seen_ms);
+                }
+            }
+            None => {
+                self.live.remove(&id);
+            }
+        }
+        Ok(())
+    }
+
+    /// Lifecycle and change events of `tenant` (optionally of one agent) after `after_seq`.
+    pub async fn events(
+        &self,
+        tenant: &TenantId,
+        agent: Option<AgentId>,
+        after_seq: i64,
+        limit: u32,
+    ) -> CoreResult<Vec<AgentEvent>> {
+        let limit = limit.clamp(1, self.config.list_limit_max);
+        Ok(self
+            .store
+            .list_agent_events(tenant, agent, after_seq, limit)
+            .await?)
+    }
+
+    /// State of the background work.
+    pub fn health(&self) -> RegistryHealth {
+        RegistryHealth {
+            agents: self.live.len(),
+            heartbeats_pending: lock(&self.pending).len(),
+            last_flush_at_ms: self.last_flush_at_ms.load(Ordering::Relaxed),
+            last_sweep_at_ms: self.last_sweep_at_ms.load(Ordering::Relaxed),
+            last_error: lock(&self.last_error).clone(),
+        }
+    }
+
+    /// Recounts agents by status into the `nops_agents` gauge.
+    pub fn refresh_status_gauges(&self) {
+        let mut counts = [0i64; 3];
+        for entry in &self.live {
+            counts[rank(entry.status)] += 1;
+        }
+        for status in AgentStatus::ALL {
+            self.metrics
+                .agents
+                .with_label_values(&[status.as_str()])
+                .set(counts[rank(status)]);
+        }
+    }
+
+    /// Runs the heartbeat flusher and the TTL sweeper until `shutdown` changes, then flushes
+    /// one last time.
+    pub async fn run_background(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        let mut flush_tick = tokio::time::interval(Duration::from_millis(
+            self.config.heartbeat_flush_interval_ms.max(1),
+        ));
+        let mut sweep_tick =
+            tokio::time::interval(Duration::from_millis(self.config.sweep_interval_ms.max(1)));
+        flush_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        sweep_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = flush_tick.tick() => {
+                    if let Err(err) = self.flush_heartbeats().await {
+                        tracing::warn!(error = %err, "heartbeat flush failed; will retry");
+                    }
+                }
+                _ = sweep_tick.tick() => {
+                    match self.sweep().await {
+                        Ok(events) => for event in events {
+                            tracing::info!(
+                                agent_id = %event.agent_id, tenant = %event.tenant, kind = event.kind.as_str(),
+                                from = event.from_status.map(AgentStatus::as_str),
+                                to = event.to_status.map(AgentStatus::as_str),
+                                "agent lifecycle transition"
+                            );
+                        },
+                        Err(err) => tracing::warn!(error = %err, "TTL sweep failed; will retry"),
+                    }
+                }
+                _ = shutdown.changed() => break,
+            }
+        }
+        if let Err(err) = self.flush_heartbeats().await {
+            tracing::error!(error = %err, "final heartbeat flush failed; the last heartbeats are lost");
+        }
+    }
+
+    fn overlay(&self, agent: &mut Agent) {
+        if let Some(entry) = self.live.get(&agent.id) {
+            agent.status = entry.status;
+            if let Some((at_ms, load)) = &entry.heartbeat
+                && agent
+                    .last_heartbeat_at_ms
+                    .is_none_or(|stored| stored <= *at_ms)
+            {
+                agent.last_heartbeat_at_ms = Some(*at_ms);
+                agent.load = Some(load.clone());
+            }
+        }
+    }
+
+    fn count_transition(&self, to: Option<AgentStatus>) {
+        self.metrics
+            .agent_transitions_total
+            .with_label_values(&[to.map_or("removed", AgentStatus::as_str)])
+            .inc();
+    }
+}
+
+/// Position of a status in the lifecycle (higher is worse).
+fn rank(status: AgentStatus) -> usize {
+    match status {
+        AgentStatus::Healthy => 0,
+        AgentStatus::Stale => 1,
+        AgentStatus::Zombie => 2,
+    }
+}
+
+fn name_conflict(err: StoreError) -> CoreError {
+    match err {
+        StoreError::UniqueViolation(_) => CoreError::Conflict {
+            code: "name_taken",
+            message: "an agent with this name already exists in the tenant".into(),
+        },
+        other => other.into(),
+    }
+}
+
+fn revision_conflict(current: i64) -> CoreError {
+    CoreError::Conflict {
+        code: "revision_mismatch",
+        message: format!("the agent was changed concurrently; its current revision is {current}")
+            .into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ttl_thresholds_map_silence_to_status() {
+        let ttl = TtlConfig {
+            stale_after_ms: 10,
+            zombie_after_ms: 20,
+            remove_after_ms: 30,
+        };
+        assert_eq!(ttl.status_for(0), Some(AgentStatus::Healthy));
+        assert_eq!(ttl.status_for(9), Some(AgentStatus::Healthy));
+        assert_eq!(ttl.status_for(10), Some(AgentStatus::Stale));
+        assert_eq!(ttl.status_for(20), Some(AgentStatus::Zombie));
+        assert_eq!(ttl.status_for(30), None);
+    }
+
+    #[test]
+    fn ttl_thresholds_must_increase() {
+        assert!(TtlConfig::default().validate().is_ok());
+        let bad = [
+            TtlConfig {
+                stale_after_ms: 0,
+                zombie_after_ms: 20,
+                remove_after_ms: 30,
+            },
+            TtlConfig {
+                stale_after_ms: 20,
+                zombie_after_ms: 20,
+                remove_after_ms: 30,
+            },
+            TtlConfig {
+                stale_after_ms: 10,
+                zombie_after_ms: 40,
+                remove_after_ms: 30,
+            },
+        ];
+        for ttl in bad {
+            assert!(ttl.validate().is_err(), "{ttl:?}");
+        }
+    }
+}

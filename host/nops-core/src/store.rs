@@ -1,0 +1,164 @@
+//! The store capability: what the kernel needs from durable storage, as traits.
+//!
+//! `nops-store` implements these over SQLite and PostgreSQL with the same semantics; the
+//! domain services use only the traits.
+
+use std::collections::BTreeMap;
+
+use async_trait::async_trait;
+
+use crate::agent::{Agent, AgentEvent, AgentId, AgentStatus, Load};
+use crate::auth::ApiKeyRecord;
+use crate::tenant::TenantId;
+
+/// A store failure. Transient failures have already been retried by the adapter.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// A uniqueness rule was broken (e.g. an agent name taken within the tenant).
+    #[error("unique constraint violated: {0}")]
+    UniqueViolation(String),
+    /// The store could not be reached or failed; the detail is for logs.
+    #[error("{0}")]
+    Backend(String),
+    /// Stored data could not be decoded.
+    #[error("corrupt row: {0}")]
+    Corrupt(String),
+}
+
+/// Filters of an agent listing that the store applies.
+#[derive(Debug, Clone, Default)]
+pub struct AgentFilter {
+    /// Only this tenant's agents.
+    pub tenant: Option<TenantId>,
+    /// Only agents with a capability of this name.
+    pub capability: Option<String>,
+    /// Only agents in this status.
+    pub status: Option<AgentStatus>,
+    /// Only agents carrying all these labels.
+    pub labels: BTreeMap<String, String>,
+    /// Only agents whose id sorts after this one (cursor pagination).
+    pub after: Option<AgentId>,
+}
+
+/// What the registry keeps in memory about each agent, loaded at start.
+#[derive(Debug, Clone)]
+pub struct AgentLiveSeed {
+    /// The agent.
+    pub id: AgentId,
+    /// Its tenant.
+    pub tenant: TenantId,
+    /// Stored status.
+    pub status: AgentStatus,
+    /// Last heartbeat or registration (ms since the Unix epoch).
+    pub last_seen_ms: i64,
+}
+
+/// The latest heartbeat state of one agent, written in batches.
+#[derive(Debug, Clone)]
+pub struct HeartbeatRecord {
+    /// The agent.
+    pub id: AgentId,
+    /// Heartbeat time (ms since the Unix epoch).
+    pub at_ms: i64,
+    /// Reported load.
+    pub load: Load,
+    /// Status at the time of the heartbeat.
+    pub status: AgentStatus,
+}
+
+/// A lifecycle transition decided by the registry, applied with its event in one transaction.
+#[derive(Debug, Clone)]
+pub struct StatusChange {
+    /// The event recording the change (carries agent, tenant, from and to).
+    pub event: AgentEvent,
+    /// Applied only if the agent was last seen at or before this time, so that a heartbeat
+    /// recorded meanwhile (possibly by another kernel) wins.
+    pub last_seen_at_or_before_ms: i64,
+    /// Remove the agent instead of changing its status.
+    pub remove: bool,
+}
+
+/// Usage of the connection pool, for metrics.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PoolStats {
+    /// Open connections.
+    pub size: u32,
+    /// Idle connections.
+    pub idle: u32,
+    /// Configured maximum.
+    pub max: u32,
+}
+
+/// Durable storage of agents and their events.
+#[async_trait]
+pub trait AgentStore: Send + Sync + 'static {
+    /// Inserts an agent and its `registered` event in one transaction.
+    async fn insert_agent(&self, agent: &Agent, event: &AgentEvent) -> Result<(), StoreError>;
+    /// The agent with this id in this tenant.
+    async fn get_agent(&self, tenant: &TenantId, id: AgentId) -> Result<Option<Agent>, StoreError>;
+    /// The agent with this id in any tenant, as the registry's in-memory seed.
+    async fn get_live_seed(&self, id: AgentId) -> Result<Option<AgentLiveSeed>, StoreError>;
+    /// Every agent's seed, at start.
+    async fn load_live_seeds(&self) -> Result<Vec<AgentLiveSeed>, StoreError>;
+    /// Replaces an agent's definition if its stored revision is `expected_revision`; records
+    /// the event in the same transaction. Returns false when nothing matched.
+    async fn update_agent(
+        &self,
+        agent: &Agent,
+        expected_revision: i64,
+        event: &AgentEvent,
+    ) -> Result<bool, StoreError>;
+    /// Deletes an agent and records the event in one transaction. Returns false if absent.
+    async fn delete_agent(
+        &self,
+        tenant: &TenantId,
+        id: AgentId,
+        event: &AgentEvent,
+    ) -> Result<bool, StoreError>;
+    /// Agents matching `filter`, ordered by id, at most `limit`.
+    async fn list_agents(&self, filter: &AgentFilter, limit: u32)
+    -> Result<Vec<Agent>, StoreError>;
+    /// Writes the latest heartbeat of many agents in one transaction; returns rows written.
+    async fn write_heartbeats(&self, batch: &[HeartbeatRecord]) -> Result<u64, StoreError>;
+    /// Applies lifecycle changes with their events in one transaction; returns those applied.
+    async fn apply_status_changes(
+        &self,
+        changes: &[StatusChange],
+    ) -> Result<Vec<AgentEvent>, StoreError>;
+    /// Events of a tenant (optionally of one agent), with `seq` greater than `after_seq`.
+    async fn list_agent_events(
+        &self,
+        tenant: &TenantId,
+        agent: Option<AgentId>,
+        after_seq: i64,
+        limit: u32,
+    ) -> Result<Vec<AgentEvent>, StoreError>;
+}
+
+/// Durable storage of API keys.
+#[async_trait]
+pub trait KeyStore: Send + Sync + 'static {
+    /// How many keys exist (revoked ones included).
+    async fn api_key_count(&self) -> Result<u64, StoreError>;
+    /// Inserts the bootstrap key unless another kernel already did; true if this call did.
+    async fn insert_bootstrap_key(&self, record: &ApiKeyRecord) -> Result<bool, StoreError>;
+    /// The key with this hash.
+    async fn find_api_key(&self, hash: &[u8]) -> Result<Option<ApiKeyRecord>, StoreError>;
+}
+
+/// Reachability and pool usage of the store.
+#[async_trait]
+pub trait StoreHealth: Send + Sync + 'static {
+    /// A round trip to the database.
+    async fn ping(&self) -> Result<(), StoreError>;
+    /// `sqlite` or `postgres`.
+    fn backend(&self) -> &'static str;
+    /// Pool usage now.
+    fn pool_stats(&self) -> PoolStats;
+}
+
+/// Everything the kernel stores.
+pub trait Store: AgentStore + KeyStore + StoreHealth {}
+
+impl<T: AgentStore + KeyStore + StoreHealth> Store for T {}

@@ -1,0 +1,966 @@
+//! SQLite and PostgreSQL adapters of the kernel's store traits.
+//!
+//! One [`SqlStore`] serves both databases with the same SQL text: each operation is written
+//! once and expanded for each backend's concrete pool by the `with_pool!` macro, so the two
+//! adapters cannot drift apart. SQLite gets a single-connection write pool (SQLite serialises
+//! writers anyway; one writer avoids `SQLITE_BUSY` upgrades) beside a read pool; PostgreSQL
+//! gets one bounded pool. Transient failures (lost connections, pool timeouts, serialization
+//! failures, `SQLITE_BUSY`) are retried with exponential backoff and full jitter.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::str::FromStr;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use backon::{ExponentialBuilder, Retryable};
+use nops_core::agent::{Agent, AgentEvent, AgentEventKind, AgentId, AgentStatus, Capability, Load};
+use nops_core::auth::{ApiKeyRecord, Role};
+use nops_core::store::{
+    AgentFilter, AgentLiveSeed, AgentStore, HeartbeatRecord, KeyStore, PoolStats, StatusChange,
+    StoreError, StoreHealth,
+};
+use nops_core::tenant::TenantId;
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+};
+use sqlx::types::Json;
+use sqlx::{ConnectOptions, QueryBuilder};
+use uuid::Uuid;
+
+/// Settings of the store.
+#[derive(Debug, Clone)]
+pub struct StoreConfig {
+    /// `sqlite://path` or `postgres://…`.
+    pub database_url: String,
+    /// Most open connections (PostgreSQL; SQLite's read pool).
+    pub pool_connections_max: u32,
+    /// How long a caller waits for a free connection.
+    pub pool_acquire_timeout_ms: u64,
+    /// Attempts to reach the database at start before giving up.
+    pub connect_attempts_max: usize,
+    /// Longest wait between two start attempts.
+    pub connect_backoff_ms_max: u64,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        Self {
+            database_url: "sqlite://.nops/nops.db".into(),
+            pool_connections_max: 16,
+            pool_acquire_timeout_ms: 5_000,
+            connect_attempts_max: 8,
+            connect_backoff_ms_max: 2_000,
+        }
+    }
+}
+
+/// Attempts per store operation on transient errors (the first try included).
+const OPERATION_ATTEMPTS_MAX: usize = 4;
+/// First backoff of an operation retry.
+const OPERATION_BACKOFF_MS_MIN: u64 = 10;
+/// Longest backoff of an operation retry.
+const OPERATION_BACKOFF_MS_MAX: u64 = 500;
+/// How long SQLite waits on a locked database before reporting `SQLITE_BUSY`.
+const SQLITE_BUSY_TIMEOUT_MS: u64 = 5_000;
+/// Rows per multi-row statement when a batch is written to SQLite (bind-parameter budget).
+const SQLITE_ROWS_PER_STATEMENT_MAX: usize = 200;
+
+/// Why the store could not be opened.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum OpenError {
+    /// The URL names no supported database.
+    #[error("unsupported database URL (expected sqlite://… or postgres://…): {0}")]
+    UnsupportedUrl(String),
+    /// The URL could not be parsed.
+    #[error("invalid database URL {url}: {source}")]
+    InvalidUrl {
+        /// The URL with any password removed.
+        url: String,
+        /// Why.
+        source: sqlx::Error,
+    },
+    /// The database stayed unreachable.
+    #[error("cannot reach the database at {url} after {attempts} attempts: {source}")]
+    Unreachable {
+        /// The URL with any password removed.
+        url: String,
+        /// Attempts made.
+        attempts: usize,
+        /// The last error.
+        source: sqlx::Error,
+    },
+    /// A migration failed.
+    #[error("migrating {url} failed: {source}")]
+    Migrate {
+        /// The URL with any password removed.
+        url: String,
+        /// Why.
+        source: sqlx::migrate::MigrateError,
+    },
+}
+
+#[derive(Clone)]
+enum Pools {
+    Sqlite { write: SqlitePool, read: SqlitePool },
+    Postgres(PgPool),
+}
+
+/// Runs `$body` with `$pool` bound to the write (or read) pool of whichever backend is open.
+/// The body is compiled once per backend, against that backend's concrete types.
+macro_rules! with_pool {
+    ($self:ident, write, |$pool:ident| $body:expr) => {
+        match &$self.pools {
+            Pools::Sqlite { write: $pool, .. } => $body,
+            Pools::Postgres($pool) => $body,
+        }
+    };
+    ($self:ident, read, |$pool:ident| $body:expr) => {
+        match &$self.pools {
+            Pools::Sqlite { read: $pool, .. } => $body,
+            Pools::Postgres($pool) => $body,
+        }
+    };
+}
+
+/// The kernel's store over SQLite or PostgreSQL.
+#[derive(Clone)]
+pub struct SqlStore {
+    pools: Pools,
+    pool_connections_max: u32,
+}
+
+impl std::fmt::Debug for SqlStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqlStore")
+            .field("backend", &self.backend())
+            .finish()
+    }
+}
+
+/// `url` without its password, for messages.
+pub fn redact_url(url: &str) -> String {
+    match url.split_once("://") {
+        Some((scheme, rest)) => match rest.split_once('@') {
+            Some((userinfo, host)) => {
+                let user = userinfo.split(':').next().unwrap_or("");
+                format!("{scheme}://{user}:***@{host}")
+            }
+            None => url.to_string(),
+        },
+        None => url.to_string(),
+    }
+}
+
+impl SqlStore {
+    /// Opens (creating if needed, for SQLite) and migrates the database at `config.database_url`,
+    /// retrying with backoff while it is unreachable.
+    pub async fn open(config: &StoreConfig) -> Result<Self, OpenError> {
+        let url = config.database_url.as_str();
+        let shown = redact_url(url);
+        let acquire = Duration::from_millis(config.pool_acquire_timeout_ms);
+        let backoff = ExponentialBuilder::default()
+            .with_min_delay(Duration::from_millis(100))
+            .with_max_delay(Duration::from_millis(config.connect_backoff_ms_max))
+            .with_max_times(config.connect_attempts_max.saturating_sub(1))
+            .with_jitter();
+        let notify = |err: &sqlx::Error, wait: Duration| {
+            tracing::warn!(url = %shown, error = %err, retry_in_ms = wait.as_millis() as u64, "database unreachable; retrying");
+        };
+        let unreachable = |source| OpenError::Unreachable {
+            url: shown.clone(),
+            attempts: config.connect_attempts_max,
+            source,
+        };
+        let store = if url.starts_with("sqlite:") {
+            let options = SqliteConnectOptions::from_str(url)
+                .map_err(|source| OpenError::InvalidUrl {
+                    url: shown.clone(),
+                    source,
+                })?
+                .create_if_missing(true)
+                .journal_mode(SqliteJournalMode::Wal)
+                // In WAL mode NORMAL survives a crash of the process (not of the machine).
+                .synchronous(SqliteSynchronous::Normal)
+                .busy_timeout(Duration::from_millis(SQLITE_BUSY_TIMEOUT_MS))
+                .foreign_keys(true)
+                .disable_statement_logging();
+            if let Some(dir) = options.get_filename().parent()
+                && !dir.as_os_str().is_empty()
+            {
+                std::fs::create_dir_all(dir).map_err(|e| unreachable(sqlx::Error::Io(e)))?;
+            }
+            let connect = |max: u32| {
+                let options = options.clone();
+                move || {
+                    SqlitePoolOptions::new()
+                        .max_connections(max)
+                        .acquire_timeout(acquire)
+                        .connect_with(options.clone())
+                }
+            };
+            let write = connect(1)
+                .retry(backoff)
+                .notify(notify)
+                .await
+                .map_err(unreachable)?;
+            sqlx::migrate!("../../migrations/sqlite")
+                .run(&write)
+                .await
+                .map_err(|source| OpenError::Migrate {
+                    url: shown.clone(),
+                    source,
+                })?;
+            let read = connect(config.pool_connections_max.max(1))
+                .retry(backoff)
+                .notify(notify)
+                .await
+                .map_err(unreachable)?;
+            Self {
+                pools: Pools::Sqlite { write, read },
+                pool_connections_max: config.pool_connections_max.max(1) + 1,
+            }
+        } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
+            let options = PgConnectOptions::from_str(url)
+                .map_err(|source| OpenError::InvalidUrl {
+                    url: shown.clone(),
+                    source,
+                })?
+                .disable_statement_logging();
+            let pool = (|| {
+                PgPoolOptions::new()
+                    .max_connections(config.pool_connections_max.max(1))
+                    .acquire_timeout(acquire)
+                    .connect_with(options.clone())
+            })
+            .retry(backoff)
+            .notify(notify)
+            .await
+            .map_err(unreachable)?;
+            // Migrations take an advisory lock, so replicas starting together apply them once.
+            sqlx::migrate!("../../migrations/postgres")
+                .run(&pool)
+                .await
+                .map_err(|source| OpenError::Migrate {
+                    url: shown.clone(),
+                    source,
+                })?;
+            Self {
+                pools: Pools::Postgres(pool),
+                pool_connections_max: config.pool_connections_max.max(1),
+            }
+        } else {
+            return Err(OpenError::UnsupportedUrl(shown));
+        };
+        Ok(store)
+    }
+
+    /// Closes every connection.
+    pub async fn close(&self) {
+        match &self.pools {
+            Pools::Sqlite { write, read } => {
+                read.close().await;
+                write.close().await;
+            }
+            Pools::Postgres(pool) => pool.close().await,
+        }
+    }
+
+    /// Runs `op`, retrying transient failures with exponential backoff and full jitter.
+    async fn retrying<T, F, Fut>(&self, what: &'static str, op: F) -> Result<T, StoreError>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, sqlx::Error>>,
+    {
+        let backoff = ExponentialBuilder::default()
+            .with_min_delay(Duration::from_millis(OPERATION_BACKOFF_MS_MIN))
+            .with_max_delay(Duration::from_millis(OPERATION_BACKOFF_MS_MAX))
+            .with_max_times(OPERATION_ATTEMPTS_MAX - 1)
+            .with_jitter();
+        op.retry(backoff)
+            .when(is_transient)
+            .notify(|err, wait| {
+                tracing::warn!(op = what, error = %err, retry_in_ms = wait.as_millis() as u64, "transient store error; retrying");
+            })
+            .await
+            .map_err(|err| store_error(what, err))
+    }
+}
+
+/// Errors worth retrying: the connection, the pool, lock contention, serialization failures.
+fn is_transient(err: &sqlx::Error) -> bool {
+    match err {
+        sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::Protocol(_) => true,
+        sqlx::Error::Database(db) => {
+            let code = db.code();
+            let code = code.as_deref().unwrap_or("");
+            // PostgreSQL: serialization_failure, deadlock_detected, admin_shutdown,
+            // cannot_connect_now, connection exceptions (class 08).
+            // SQLite: SQLITE_BUSY (5), SQLITE_LOCKED (6) and their extended codes.
+            matches!(
+                code,
+                "40001" | "40P01" | "57P01" | "57P03" | "5" | "6" | "261" | "262" | "517"
+            ) || code.starts_with("08")
+        }
+        _ => false,
+    }
+}
+
+fn store_error(what: &'static str, err: sqlx::Error) -> StoreError {
+    match &err {
+        sqlx::Error::Database(db) if db.is_unique_violation() => {
+            StoreError::UniqueViolation(db.message().to_string())
+        }
+        sqlx::Error::ColumnDecode { .. } | sqlx::Error::Decode(_) => {
+            StoreError::Corrupt(format!("{what}: {err}"))
+        }
+        _ => StoreError::Backend(format!("{what}: {err}")),
+    }
+}
+
+/// An `agents` row.
+#[derive(sqlx::FromRow)]
+struct AgentRow {
+    id: Uuid,
+    tenant: String,
+    name: String,
+    endpoint: Option<String>,
+    labels: Json<BTreeMap<String, String>>,
+    capabilities: Json<Vec<Capability>>,
+    status: String,
+    created_at_ms: i64,
+    updated_at_ms: i64,
+    last_heartbeat_at_ms: Option<i64>,
+    load: Option<Json<Load>>,
+    revision: i64,
+}
+
+impl TryFrom<AgentRow> for Agent {
+    type Error = StoreError;
+
+    fn try_from(row: AgentRow) -> Result<Self, StoreError> {
+        Ok(Agent {
+            id: AgentId(row.id),
+            tenant: parse_tenant(&row.tenant)?,
+            name: row.name,
+            endpoint: row.endpoint,
+            labels: row.labels.0,
+            capabilities: row.capabilities.0,
+            status: parse_status(&row.status)?,
+            created_at_ms: row.created_at_ms,
+            updated_at_ms: row.updated_at_ms,
+            last_heartbeat_at_ms: row.last_heartbeat_at_ms,
+            load: row.load.map(|j| j.0),
+            revision: row.revision,
+        })
+    }
+}
+
+#[derive(sqlx::FromRow)]
+struct SeedRow {
+    id: Uuid,
+    tenant: String,
+    status: String,
+    last_seen_ms: i64,
+}
+
+impl TryFrom<SeedRow> for AgentLiveSeed {
+    type Error = StoreError;
+
+    fn try_from(row: SeedRow) -> Result<Self, StoreError> {
+        Ok(AgentLiveSeed {
+            id: AgentId(row.id),
+            tenant: parse_tenant(&row.tenant)?,
+            status: parse_status(&row.status)?,
+            last_seen_ms: row.last_seen_ms,
+        })
+    }
+}
+
+#[derive(sqlx::FromRow)]
+struct EventRow {
+    seq: i64,
+    tenant: String,
+    agent_id: Uuid,
+    kind: String,
+    from_status: Option<String>,
+    to_status: Option<String>,
+    at_ms: i64,
+}
+
+impl TryFrom<EventRow> for AgentEvent {
+    type Error = StoreError;
+
+    fn try_from(row: EventRow) -> Result<Self, StoreError> {
+        Ok(AgentEvent {
+            seq: row.seq,
+            tenant: parse_tenant(&row.tenant)?,
+            agent_id: AgentId(row.agent_id),
+            kind: AgentEventKind::from_str(&row.kind)
+                .map_err(|e| StoreError::Corrupt(e.to_string()))?,
+            from_status: row.from_status.as_deref().map(parse_status).transpose()?,
+            to_status: row.to_status.as_deref().map(parse_status).transpose()?,
+            at_ms: row.at_ms,
+        })
+    }
+}
+
+#[derive(sqlx::FromRow)]
+struct KeyRow {
+    id: Uuid,
+    name: String,
+    hash: Vec<u8>,
+    tenant: Option<String>,
+    role: String,
+    created_at_ms: i64,
+    expires_at_ms: Option<i64>,
+    revoked_at_ms: Option<i64>,
+}
+
+impl TryFrom<KeyRow> for ApiKeyRecord {
+    type Error = StoreError;
+
+    fn try_from(row: KeyRow) -> Result<Self, StoreError> {
+        Ok(ApiKeyRecord {
+            id: row.id,
+            name: row.name,
+            hash: row.hash,
+            tenant: row.tenant.as_deref().map(parse_tenant).transpose()?,
+            role: Role::parse(&row.role)
+                .ok_or_else(|| StoreError::Corrupt(format!("unknown role {}", row.role)))?,
+            created_at_ms: row.created_at_ms,
+            expires_at_ms: row.expires_at_ms,
+            revoked_at_ms: row.revoked_at_ms,
+        })
+    }
+}
+
+fn parse_tenant(s: &str) -> Result<TenantId, StoreError> {
+    s.parse()
+        .map_err(|_| StoreError::Corrupt(format!("invalid tenant {s:?}")))
+}
+
+fn parse_status(s: &str) -> Result<AgentStatus, StoreError> {
+    s.parse()
+        .map_err(|_| StoreError::Corrupt(format!("invalid status {s:?}")))
+}
+
+const AGENT_COLUMNS: &str = "id, tenant, name, endpoint, labels, capabilities, status, created_at_ms, \
+     updated_at_ms, last_heartbeat_at_ms, load, revision";
+const SEED_COLUMNS: &str =
+    "id, tenant, status, COALESCE(last_heartbeat_at_ms, created_at_ms) AS last_seen_ms";
+const EVENT_COLUMNS: &str = "seq, tenant, agent_id, kind, from_status, to_status, at_ms";
+const INSERT_EVENT: &str = "INSERT INTO agent_events (tenant, agent_id, kind, from_status, to_status, at_ms) \
+     VALUES ($1, $2, $3, $4, $5, $6) RETURNING seq";
+
+/// Inserts `$event` within transaction `$tx` and evaluates to its `seq`.
+macro_rules! insert_event {
+    ($tx:expr, $event:expr) => {
+        sqlx::query_scalar::<_, i64>(INSERT_EVENT)
+            .bind($event.tenant.as_str())
+            .bind($event.agent_id.0)
+            .bind($event.kind.as_str())
+            .bind($event.from_status.map(AgentStatus::as_str))
+            .bind($event.to_status.map(AgentStatus::as_str))
+            .bind($event.at_ms)
+            .fetch_one(&mut *$tx)
+            .await
+    };
+}
+
+/// (Re)writes the capability and label index rows of `$agent` within transaction `$tx`.
+macro_rules! write_agent_index {
+    ($tx:expr, $agent:expr, $DB:ty) => {{
+        sqlx::query("DELETE FROM agent_capabilities WHERE agent_id = $1")
+            .bind($agent.id.0)
+            .execute(&mut *$tx)
+            .await?;
+        sqlx::query("DELETE FROM agent_labels WHERE agent_id = $1")
+            .bind($agent.id.0)
+            .execute(&mut *$tx)
+            .await?;
+        if !$agent.capabilities.is_empty() {
+            let mut q = QueryBuilder::<$DB>::new(
+                "INSERT INTO agent_capabilities (agent_id, tenant, name, version) ",
+            );
+            q.push_values(&$agent.capabilities, |mut row, cap| {
+                row.push_bind($agent.id.0)
+                    .push_bind($agent.tenant.as_str())
+                    .push_bind(cap.name.as_str())
+                    .push_bind(cap.version.to_string());
+            });
+            q.build().execute(&mut *$tx).await?;
+        }
+        if !$agent.labels.is_empty() {
+            let mut q = QueryBuilder::<$DB>::new(
+                "INSERT INTO agent_labels (agent_id, tenant, key, value) ",
+            );
+            q.push_values(&$agent.labels, |mut row, (key, value)| {
+                row.push_bind($agent.id.0)
+                    .push_bind($agent.tenant.as_str())
+                    .push_bind(key.as_str())
+                    .push_bind(value.as_str());
+            });
+            q.build().execute(&mut *$tx).await?;
+        }
+    }};
+}
+
+/// Builds the listing query for `$filter` over database `$DB`.
+macro_rules! list_query {
+    ($filter:expr, $limit:expr, $DB:ty) => {{
+        let filter: &AgentFilter = $filter;
+        let mut q =
+            QueryBuilder::<$DB>::new(format!("SELECT {AGENT_COLUMNS} FROM agents a WHERE 1 = 1"));
+        if let Some(tenant) = &filter.tenant {
+            q.push(" AND a.tenant = ").push_bind(tenant.as_str());
+        }
+        if let Some(status) = filter.status {
+            q.push(" AND a.status = ").push_bind(status.as_str());
+        }
+        if let Some(after) = filter.after {
+            q.push(" AND a.id > ").push_bind(after.0);
+        }
+        if let Some(capability) = &filter.capability {
+            q.push(" AND a.id IN (SELECT c.agent_id FROM agent_capabilities c WHERE c.name = ")
+                .push_bind(capability.clone());
+            if let Some(tenant) = &filter.tenant {
+                q.push(" AND c.tenant = ").push_bind(tenant.as_str());
+            }
+            q.push(")");
+        }
+        for (key, value) in &filter.labels {
+            q.push(" AND a.id IN (SELECT l.agent_id FROM agent_labels l WHERE l.key = ")
+                .push_bind(key.clone())
+                .push(" AND l.value = ")
+                .push_bind(value.clone());
+            if let Some(tenant) = &filter.tenant {
+                q.push(" AND l.tenant = ").push_bind(tenant.as_str());
+            }
+            q.push(")");
+        }
+        q.push(" ORDER BY a.id LIMIT ").push_bind(i64::from($limit));
+        q
+    }};
+}
+
+#[async_trait]
+impl AgentStore for SqlStore {
+    async fn insert_agent(&self, agent: &Agent, event: &AgentEvent) -> Result<(), StoreError> {
+        self.retrying("insert_agent", || async {
+            with_pool!(self, write, |pool| {
+                let mut tx = pool.begin().await?;
+                sqlx::query(
+                    "INSERT INTO agents (id, tenant, name, endpoint, labels, capabilities, status, created_at_ms, \
+                     updated_at_ms, last_heartbeat_at_ms, load, revision) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
+                )
+                .bind(agent.id.0)
+                .bind(agent.tenant.as_str())
+                .bind(&agent.name)
+                .bind(agent.endpoint.as_deref())
+                .bind(Json(&agent.labels))
+                .bind(Json(&agent.capabilities))
+                .bind(agent.status.as_str())
+                .bind(agent.created_at_ms)
+                .bind(agent.updated_at_ms)
+                .bind(agent.last_heartbeat_at_ms)
+                .bind(agent.load.as_ref().map(Json))
+                .bind(agent.revision)
+                .execute(&mut *tx)
+                .await?;
+                write_agent_index!(tx, agent, _);
+                insert_event!(tx, event)?;
+                tx.commit().await
+            })
+        })
+        .await
+    }
+
+    async fn get_agent(&self, tenant: &TenantId, id: AgentId) -> Result<Option<Agent>, StoreError> {
+        let sql = format!("SELECT {AGENT_COLUMNS} FROM agents WHERE id = $1 AND tenant = $2");
+        let row = self
+            .retrying("get_agent", || async {
+                with_pool!(self, read, |pool| {
+                    sqlx::query_as::<_, AgentRow>(&sql)
+                        .bind(id.0)
+                        .bind(tenant.as_str())
+                        .fetch_optional(pool)
+                        .await
+                })
+            })
+            .await?;
+        row.map(Agent::try_from).transpose()
+    }
+
+    async fn get_live_seed(&self, id: AgentId) -> Result<Option<AgentLiveSeed>, StoreError> {
+        let sql = format!("SELECT {SEED_COLUMNS} FROM agents WHERE id = $1");
+        let row = self
+            .retrying("get_live_seed", || async {
+                with_pool!(self, read, |pool| {
+                    sqlx::query_as::<_, SeedRow>(&sql)
+                        .bind(id.0)
+                        .fetch_optional(pool)
+                        .await
+                })
+            })
+            .await?;
+        row.map(AgentLiveSeed::try_from).transpose()
+    }
+
+    async fn load_live_seeds(&self) -> Result<Vec<AgentLiveSeed>, StoreError> {
+        let sql = format!("SELECT {SEED_COLUMNS} FROM agents ORDER BY id");
+        let rows = self
+            .retrying("load_live_seeds", || async {
+                with_pool!(self, read, |pool| sqlx::query_as::<_, SeedRow>(&sql)
+                    .fetch_all(pool)
+                    .await)
+            })
+            .await?;
+        rows.into_iter().map(AgentLiveSeed::try_from).collect()
+    }
+
+    async fn update_agent(
+        &self,
+        agent: &Agent,
+        expected_revision: i64,
+        event: &AgentEvent,
+    ) -> Result<bool, StoreError> {
+        self.retrying("update_agent", || async {
+            with_pool!(self, write, |pool| {
+                let mut tx = pool.begin().await?;
+                let updated = sqlx::query(
+                    "UPDATE agents SET name = $1, endpoint = $2, labels = $3, capabilities = $4, updated_at_ms = $5, \
+                     revision = $6 WHERE id = $7 AND tenant = $8 AND revision = $9",
+                )
+                .bind(&agent.name)
+                .bind(agent.endpoint.as_deref())
+                .bind(Json(&agent.labels))
+                .bind(Json(&agent.capabilities))
+                .bind(agent.updated_at_ms)
+                .bind(agent.revision)
+                .bind(agent.id.0)
+                .bind(agent.tenant.as_str())
+                .bind(expected_revision)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+                if updated == 0 {
+                    return Ok(false);
+                }
+                write_agent_index!(tx, agent, _);
+                insert_event!(tx, event)?;
+                tx.commit().await?;
+                Ok(true)
+            })
+        })
+        .await
+    }
+
+    async fn delete_agent(
+        &self,
+        tenant: &TenantId,
+        id: AgentId,
+        event: &AgentEvent,
+    ) -> Result<bool, StoreError> {
+        self.retrying("delete_agent", || async {
+            with_pool!(self, write, |pool| {
+                let mut tx = pool.begin().await?;
+                let deleted = sqlx::query("DELETE FROM agents WHERE id = $1 AND tenant = $2")
+                    .bind(id.0)
+                    .bind(tenant.as_str())
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected();
+                if deleted == 0 {
+                    return Ok(false);
+                }
+                insert_event!(tx, event)?;
+                tx.commit().await?;
+                Ok(true)
+            })
+        })
+        .await
+    }
+
+    async fn list_agents(
+        &self,
+        filter: &AgentFilter,
+        limit: u32,
+    ) -> Result<Vec<Agent>, StoreError> {
+        let rows = self
+            .retrying("list_agents", || async {
+                match &self.pools {
+                    Pools::Sqlite { read, .. } => {
+                        list_query!(filter, limit, sqlx::Sqlite)
+                            .build_query_as::<AgentRow>()
+                            .fetch_all(read)
+                            .await
+                    }
+                    Pools::Postgres(pool) => {
+                        list_query!(filter, limit, sqlx::Postgres)
+                            .build_query_as::<AgentRow>()
+                            .fetch_all(pool)
+                            .await
+                    }
+                }
+            })
+            .await?;
+        rows.into_iter().map(Agent::try_from).collect()
+    }
+
+    async fn write_heartbeats(&self, batch: &[HeartbeatRecord]) -> Result<u64, StoreError> {
+        if batch.is_empty() {
+            return Ok(0);
+        }
+        let loads: Vec<String> = batch
+            .iter()
+            .map(|r| serde_json::to_string(&r.load))
+            .collect::<Result<_, _>>()
+            .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        self.retrying("write_heartbeats", || async {
+            match &self.pools {
+                Pools::Sqlite { write, .. } => {
+                    // One UPDATE … FROM (VALUES …) per chunk keeps the bind count bounded.
+                    let mut tx = write.begin().await?;
+                    let mut written = 0;
+                    for (records, loads) in batch
+                        .chunks(SQLITE_ROWS_PER_STATEMENT_MAX)
+                        .zip(loads.chunks(SQLITE_ROWS_PER_STATEMENT_MAX))
+                    {
+                        let mut q = QueryBuilder::<sqlx::Sqlite>::new(
+                            "WITH v(id, at_ms, load) AS (",
+                        );
+                        q.push_values(records.iter().zip(loads), |mut row, (r, load)| {
+                            row.push_bind(r.id.0).push_bind(r.at_ms).push_bind(load.as_str());
+                        });
+                        q.push(
+                            ") UPDATE agents SET last_heartbeat_at_ms = v.at_ms, load = v.load FROM v \
+                             WHERE agents.id = v.id AND (agents.last_heartbeat_at_ms IS NULL \
+                             OR agents.last_heartbeat_at_ms <= v.at_ms)",
+                        );
+                        written += q.build().execute(&mut *tx).await?.rows_affected();
+                    }
+                    tx.commit().await?;
+                    Ok(written)
+                }
+                Pools::Postgres(pool) => {
+                    let ids: Vec<Uuid> = batch.iter().map(|r| r.id.0).collect();
+                    let ats: Vec<i64> = batch.iter().map(|r| r.at_ms).collect();
+                    Ok(sqlx::query(
+                        "UPDATE agents AS a SET last_heartbeat_at_ms = v.at_ms, load = v.load::jsonb \
+                         FROM UNNEST($1::uuid[], $2::bigint[], $3::text[]) AS v(id, at_ms, load) \
+                         WHERE a.id = v.id AND (a.last_heartbeat_at_ms IS NULL OR a.last_heartbeat_at_ms <= v.at_ms)",
+                    )
+                    .bind(&ids)
+                    .bind(&ats)
+                    .bind(&loads)
+                    .execute(pool)
+                    .await?
+                    .rows_affected())
+                }
+            }
+        })
+        .await
+    }
+
+    async fn apply_status_changes(
+        &self,
+        changes: &[StatusChange],
+    ) -> Result<Vec<AgentEvent>, StoreError> {
+        if changes.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.retrying("apply_status_changes", || async {
+            with_pool!(self, write, |pool| {
+                let mut tx = pool.begin().await?;
+                let mut applied = Vec::with_capacity(changes.len());
+                for change in changes {
+                    let event = &change.event;
+                    let affected = if change.remove {
+                        sqlx::query(
+                            "DELETE FROM agents WHERE id = $1 AND COALESCE(last_heartbeat_at_ms, created_at_ms) <= $2",
+                        )
+                        .bind(event.agent_id.0)
+                        .bind(change.last_seen_at_or_before_ms)
+                        .execute(&mut *tx)
+                        .await?
+                        .rows_affected()
+                    } else {
+                        sqlx::query(
+                            "UPDATE agents SET status = $1 WHERE id = $2 \
+                             AND COALESCE(last_heartbeat_at_ms, created_at_ms) <= $3",
+                        )
+                        .bind(event.to_status.map_or("healthy", AgentStatus::as_str))
+                        .bind(event.agent_id.0)
+                        .bind(change.last_seen_at_or_before_ms)
+                        .execute(&mut *tx)
+                        .await?
+                        .rows_affected()
+                    };
+                    if affected == 1 {
+                        let seq = insert_event!(tx, event)?;
+                        applied.push(AgentEvent { seq, ..event.clone() });
+                    }
+                }
+                tx.commit().await?;
+                Ok(applied)
+            })
+        })
+        .await
+    }
+
+    async fn list_agent_events(
+        &self,
+        tenant: &TenantId,
+        agent: Option<AgentId>,
+        after_seq: i64,
+        limit: u32,
+    ) -> Result<Vec<AgentEvent>, StoreError> {
+        let sql = match agent {
+            Some(_) => format!(
+                "SELECT {EVENT_COLUMNS} FROM agent_events WHERE tenant = $1 AND seq > $2 AND agent_id = $4 \
+                 ORDER BY seq LIMIT $3"
+            ),
+            None => format!(
+                "SELECT {EVENT_COLUMNS} FROM agent_events WHERE tenant = $1 AND seq > $2 ORDER BY seq LIMIT $3"
+            ),
+        };
+        let rows = self
+            .retrying("list_agent_events", || async {
+                with_pool!(self, read, |pool| {
+                    let q = sqlx::query_as::<_, EventRow>(&sql)
+                        .bind(tenant.as_str())
+                        .bind(after_seq)
+                        .bind(i64::from(limit));
+                    match agent {
+                        Some(id) => q.bind(id.0).fetch_all(pool).await,
+                        None => q.fetch_all(pool).await,
+                    }
+                })
+            })
+            .await?;
+        rows.into_iter().map(AgentEvent::try_from).collect()
+    }
+}
+
+#[async_trait]
+impl KeyStore for SqlStore {
+    async fn api_key_count(&self) -> Result<u64, StoreError> {
+        let count = self
+            .retrying("api_key_count", || async {
+                with_pool!(self, read, |pool| {
+                    sqlx::query_scalar::<_, i64>("SELECT COUNT(*) FROM api_keys")
+                        .fetch_one(pool)
+                        .await
+                })
+            })
+            .await?;
+        Ok(u64::try_from(count).unwrap_or(0))
+    }
+
+    async fn insert_bootstrap_key(&self, record: &ApiKeyRecord) -> Result<bool, StoreError> {
+        self.retrying("insert_bootstrap_key", || async {
+            with_pool!(self, write, |pool| {
+                let mut tx = pool.begin().await?;
+                let claimed = sqlx::query(
+                    "INSERT INTO kernel_meta (key, value) VALUES ('bootstrap_key_id', $1) ON CONFLICT (key) DO NOTHING",
+                )
+                .bind(record.id.to_string())
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+                if claimed == 0 {
+                    return Ok(false);
+                }
+                sqlx::query(
+                    "INSERT INTO api_keys (id, name, hash, tenant, role, created_at_ms, expires_at_ms, revoked_at_ms) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+                )
+                .bind(record.id)
+                .bind(&record.name)
+                .bind(&record.hash)
+                .bind(record.tenant.as_ref().map(TenantId::as_str))
+                .bind(record.role.as_str())
+                .bind(record.created_at_ms)
+                .bind(record.expires_at_ms)
+                .bind(record.revoked_at_ms)
+                .execute(&mut *tx)
+                .await?;
+                tx.commit().await?;
+                Ok(true)
+            })
+        })
+        .await
+    }
+
+    async fn find_api_key(&self, hash: &[u8]) -> Result<Option<ApiKeyRecord>, StoreError> {
+        let row = self
+            .retrying("find_api_key", || async {
+                with_pool!(self, read, |pool| {
+                    sqlx::query_as::<_, KeyRow>(
+                        "SELECT id, name, hash, tenant, role, created_at_ms, expires_at_ms, revoked_at_ms \
+                         FROM api_keys WHERE hash = $1",
+                    )
+                    .bind(hash)
+                    .fetch_optional(pool)
+                    .await
+                })
+            })
+            .await?;
+        row.map(ApiKeyRecord::try_from).transpose()
+    }
+}
+
+#[async_trait]
+impl StoreHealth for SqlStore {
+    async fn ping(&self) -> Result<(), StoreError> {
+        // No retry: readiness must report what it sees now.
+        with_pool!(self, read, |pool| sqlx::query("SELECT 1")
+            .execute(pool)
+            .await
+            .map(|_| ()))
+        .map_err(|e| store_error("ping", e))
+    }
+
+    fn backend(&self) -> &'static str {
+        match self.pools {
+            Pools::Sqlite { .. } => "sqlite",
+            Pools::Postgres(_) => "postgres",
+        }
+    }
+
+    fn pool_stats(&self) -> PoolStats {
+        match &self.pools {
+            Pools::Sqlite { write, read } => PoolStats {
+                size: write.size() + read.size(),
+                idle: (write.num_idle() + read.num_idle()) as u32,
+                max: self.pool_connections_max,
+            },
+            Pools::Postgres(pool) => PoolStats {
+                size: pool.size(),
+                idle: pool.num_idle() as u32,
+                max: self.pool_connections_max,
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_are_redacted() {
+        assert_eq!(
+            redact_url("postgres://u:secret@h:5432/db"),
+            "postgres://u:***@h:5432/db"
+        );
+        assert_eq!(
+            redact_url("sqlite://.nops/nops.db"),
+            "sqlite://.nops/nops.db"
+        );
+    }
+}

@@ -1,0 +1,53 @@
+//! `nops`: the NOPS kernel's command-line interface.
+
+mod config;
+mod serve;
+
+use clap::{Parser, Subcommand};
+
+use crate::config::{Config, ServeArgs};
+
+/// NOPS kernel: a control plane for fleets of edge agents, extended by sandboxed WebAssembly
+/// plugins.
+///
+/// Start the kernel with `nops serve`. On the first start it creates a SQLite database under
+/// ./.nops and prints a bootstrap admin API key once; use it as `Authorization: Bearer <key>`.
+/// Settings come from flags, then NOPS_* environment variables, then ./nops.toml.
+#[derive(Debug, Parser)]
+#[command(name = "nops", version, about, long_about, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the kernel: HTTP API, agent registry, heartbeat flusher and TTL sweeper
+    Serve(ServeArgs),
+    /// Inspect the configuration
+    #[command(subcommand)]
+    Config(ConfigCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum ConfigCommand {
+    /// Print the effective configuration (flags > env > nops.toml > defaults) as TOML
+    Show(ServeArgs),
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Serve(args) => Config::resolve(&args).and_then(serve::run),
+        Command::Config(ConfigCommand::Show(args)) => Config::resolve(&args)
+            .and_then(|c| c.to_toml())
+            .map(|text| print!("{text}")),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("nops: error: {err:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
