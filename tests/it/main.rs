@@ -1,1 +1,13 @@
-fn main() {}
+//! Integration tests of the NOPS kernel: one binary, one module per area.
+//!
+//! Most tests drive the real router in process (`Router::oneshot`) against every configured
+//! backend: SQLite always, PostgreSQL when `NOPS_TEST_DATABASE_URL` is set (required under
+//! `CI=true`). Tests in `process` run the real `nops` binary.
+
+mod agents;
+mod bad_input;
+mod health;
+mod heartbeat;
+mod lifecycle;
+mod process;
+mod support;

@@ -615,6 +615,9 @@ impl Registry {
         }
         self.metrics.heartbeats_flushed_total.inc_by(written as u64);
         self.metrics
+            .heartbeats_pending
+            .set(lock(&self.pending).len() as i64);
+        self.metrics
             .heartbeat_flush_duration_seconds
             .observe(started.elapsed().as_secs_f64());
         self.last_flush_at_ms

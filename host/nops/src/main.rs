@@ -1,11 +1,10 @@
 //! `nops`: the NOPS kernel's command-line interface.
 
-mod config;
 mod serve;
 
 use clap::{Parser, Subcommand};
 
-use crate::config::{Config, ServeArgs};
+use nops::config::{Config, ServeArgs};
 
 /// NOPS kernel: a control plane for fleets of edge agents, extended by sandboxed WebAssembly
 /// plugins.

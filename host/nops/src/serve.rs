@@ -1,20 +1,13 @@
-//! `nops serve`: wires the store, registry and HTTP edge together and runs them until a
-//! shutdown signal.
+//! `nops serve`: runs a [`Kernel`] until a shutdown signal.
 
 use std::sync::Arc;
-use std::time::Instant;
 
 use anyhow::Context;
-use nops_api::{AppState, router};
-use nops_core::auth::{ApiKeyAuthenticator, KeyHasher, RoleAuthorizer, ensure_bootstrap_key};
-use nops_core::clock::{Clock, SystemClock};
-use nops_core::metrics::Metrics;
-use nops_core::registry::Registry;
-use nops_core::store::Store;
-use nops_store::SqlStore;
+use nops::config::{Config, LogFormat};
+use nops::kernel::Kernel;
+use nops_core::clock::SystemClock;
+use nops_core::store::StoreHealth;
 use tracing_subscriber::EnvFilter;
-
-use crate::config::{Config, LogFormat};
 
 /// Runs the kernel until SIGINT or SIGTERM.
 pub fn run(config: Config) -> anyhow::Result<()> {
@@ -45,61 +38,27 @@ fn init_logging(config: &Config) -> anyhow::Result<()> {
 }
 
 async fn serve(config: Config) -> anyhow::Result<()> {
-    let started_at = Instant::now();
-    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
-    let metrics = Metrics::new();
-    std::fs::create_dir_all(&config.data_dir)
-        .with_context(|| format!("creating the data directory {}", config.data_dir.display()))?;
-    let sql = SqlStore::open(&config.store).await?;
-    let store: Arc<dyn Store> = Arc::new(sql.clone());
-    let hasher = KeyHasher::new(config.api_key_pepper.as_deref().map(str::as_bytes))
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
-    if let Some(key) = ensure_bootstrap_key(store.as_ref(), &hasher, clock.now_ms()).await? {
+    let kernel = Kernel::open(&config, Arc::new(SystemClock)).await?;
+    if let Some(key) = &kernel.bootstrap_key {
         // Printed once, on the first start with an empty store; only its hash is stored.
         eprintln!(
             "\nnops: created the bootstrap admin API key. It is shown only this once; store it now:\n\n    {}\n\nUse it as `Authorization: Bearer <key>`.\n",
             key.secret
         );
     }
-    let registry = Arc::new(
-        Registry::new(
-            store.clone(),
-            clock.clone(),
-            metrics.clone(),
-            config.registry.clone(),
-        )
-        .map_err(|e| anyhow::anyhow!("{e}"))?,
-    );
-    let agents = registry
-        .load()
-        .await
-        .context("loading the agent registry")?;
-    let state = AppState {
-        registry: registry.clone(),
-        store: store.clone(),
-        authenticator: Arc::new(ApiKeyAuthenticator::new(
-            store.clone(),
-            hasher,
-            clock.clone(),
-        )),
-        authorizer: Arc::new(RoleAuthorizer),
-        metrics,
-        http: config.http.clone(),
-        started_at,
-    };
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("listening on {}", config.listen))?;
     let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
-    let background = tokio::spawn(registry.clone().run_background(shutdown_rx));
+    let background = tokio::spawn(kernel.registry.clone().run_background(shutdown_rx));
     tracing::info!(
-        listen = %config.listen,
-        backend = store.backend(),
-        agents,
+        listen = %listener.local_addr().unwrap_or(config.listen),
+        backend = kernel.store.backend(),
+        agents = kernel.agents_loaded,
         config_file = config.config_file.as_ref().map(|p| p.display().to_string()),
         "nops kernel serving"
     );
-    axum::serve(listener, router(state))
+    axum::serve(listener, kernel.router())
         .with_graceful_shutdown(shutdown_signal())
         .await
         .context("serving HTTP")?;
@@ -108,7 +67,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     if let Err(err) = background.await {
         tracing::error!(error = %err, "background task failed");
     }
-    sql.close().await;
+    kernel.store.close().await;
     tracing::info!("stopped");
     Ok(())
 }

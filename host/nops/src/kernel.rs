@@ -1,0 +1,92 @@
+//! Wiring: opens the store, creates the bootstrap key, loads the registry and builds the HTTP
+//! application. Shared by `nops serve` and the integration tests.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::Context;
+use nops_api::AppState;
+use nops_core::auth::{
+    ApiKeyAuthenticator, GeneratedKey, KeyHasher, RoleAuthorizer, ensure_bootstrap_key,
+};
+use nops_core::clock::Clock;
+use nops_core::metrics::Metrics;
+use nops_core::registry::Registry;
+use nops_core::store::Store;
+use nops_store::SqlStore;
+
+use crate::config::Config;
+
+/// A kernel, ready to serve.
+pub struct Kernel {
+    /// What the HTTP handlers reach.
+    pub state: AppState,
+    /// The agent registry (also in `state`), for background work and tests.
+    pub registry: Arc<Registry>,
+    /// The store.
+    pub store: SqlStore,
+    /// The bootstrap admin key, when this start created it (print it once).
+    pub bootstrap_key: Option<GeneratedKey>,
+    /// Agents loaded from the store at start.
+    pub agents_loaded: usize,
+}
+
+impl std::fmt::Debug for Kernel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Kernel")
+            .field("store", &self.store)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Kernel {
+    /// Opens everything `config` names, with time from `clock`.
+    pub async fn open(config: &Config, clock: Arc<dyn Clock>) -> anyhow::Result<Self> {
+        let started_at = Instant::now();
+        let metrics = Metrics::new();
+        std::fs::create_dir_all(&config.data_dir).with_context(|| {
+            format!("creating the data directory {}", config.data_dir.display())
+        })?;
+        let sql = SqlStore::open(&config.store).await?;
+        let store: Arc<dyn Store> = Arc::new(sql.clone());
+        let hasher = KeyHasher::new(config.api_key_pepper.as_deref().map(str::as_bytes))
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let bootstrap_key = ensure_bootstrap_key(store.as_ref(), &hasher, clock.now_ms())
+            .await
+            .context("creating the bootstrap key")?;
+        let registry = Arc::new(
+            Registry::new(
+                store.clone(),
+                clock.clone(),
+                metrics.clone(),
+                config.registry.clone(),
+            )
+            .map_err(|e| anyhow::anyhow!("{e}"))?,
+        );
+        let agents_loaded = registry
+            .load()
+            .await
+            .context("loading the agent registry")?;
+        let state = AppState {
+            registry: registry.clone(),
+            store: store.clone(),
+            authenticator: Arc::new(ApiKeyAuthenticator::new(store, hasher, clock)),
+            authorizer: Arc::new(RoleAuthorizer),
+            metrics,
+            http: config.http.clone(),
+            started_at,
+        };
+        Ok(Self {
+            state,
+            registry,
+            store: sql,
+            bootstrap_key,
+            agents_loaded,
+        })
+    }
+
+    /// The HTTP application.
+    pub fn router(&self) -> axum::Router {
+        nops_api::router(self.state.clone())
+    }
+}

@@ -1,0 +1,439 @@
+//! The real `nops` binary: help, configuration precedence, the bootstrap key, an unreachable
+//! database, and a kernel killed with SIGKILL under load.
+
+use std::collections::HashMap;
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+use crate::support::{Backend, TestDb, backends};
+
+const NOPS: &str = env!("CARGO_BIN_EXE_nops");
+/// How long a test waits for a kernel to start serving.
+const START_WAIT_MS_MAX: u64 = 30_000;
+
+/// A running `nops serve` process and what it printed.
+struct Process {
+    child: Child,
+    stderr: Arc<Mutex<String>>,
+    base: String,
+}
+
+impl Process {
+    async fn start(db: &TestDb, extra_env: &[(&str, &str)]) -> Self {
+        let mut cmd = Command::new(NOPS);
+        cmd.arg("serve")
+            .current_dir(db.dir.path())
+            .env_remove("NOPS_CONFIG")
+            .env("NOPS_LISTEN", "127.0.0.1:0")
+            .env("NOPS_DATA_DIR", db.dir.path())
+            .env("NOPS_DATABASE_URL", &db.url)
+            .env("NOPS_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        for (k, v) in extra_env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("spawn nops");
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let (addr_tx, addr_rx) = tokio::sync::oneshot::channel();
+        let mut lines = BufReader::new(child.stderr.take().expect("stderr")).lines();
+        let sink = stderr.clone();
+        tokio::spawn(async move {
+            let mut addr_tx = Some(addr_tx);
+            while let Ok(Some(line)) = lines.next_line().await {
+                if let Ok(log) = serde_json::from_str::<Value>(&line)
+                    && log["message"] == "nops kernel serving"
+                    && let Some(tx) = addr_tx.take()
+                {
+                    let _ = tx.send(log["listen"].as_str().unwrap_or_default().to_string());
+                }
+                let mut text = sink.lock().expect("lock");
+                text.push_str(&line);
+                text.push('\n');
+            }
+        });
+        let addr = tokio::time::timeout(Duration::from_millis(START_WAIT_MS_MAX), addr_rx)
+            .await
+            .unwrap_or_else(|_| {
+                panic!(
+                    "nops did not start; stderr:\n{}",
+                    stderr.lock().expect("lock")
+                )
+            })
+            .unwrap_or_else(|_| panic!("nops exited; stderr:\n{}", stderr.lock().expect("lock")));
+        Self {
+            child,
+            stderr,
+            base: format!("http://{addr}"),
+        }
+    }
+
+    fn bootstrap_key(&self) -> Option<String> {
+        let text = self.stderr.lock().expect("lock");
+        text.lines()
+            .map(str::trim)
+            .find(|l| l.starts_with("nops_") && nops_core::auth::is_well_formed_api_key(l))
+            .map(String::from)
+    }
+
+    fn kill9(&mut self) {
+        let pid = self.child.id().expect("running");
+        let status = std::process::Command::new("kill")
+            .args(["-9", &pid.to_string()])
+            .status()
+            .expect("kill");
+        assert!(status.success());
+    }
+
+    async fn terminate(mut self) -> std::process::ExitStatus {
+        let pid = self.child.id().expect("running");
+        std::process::Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()
+            .expect("kill");
+        tokio::time::timeout(Duration::from_secs(20), self.child.wait())
+            .await
+            .expect("exits on SIGTERM")
+            .expect("wait")
+    }
+}
+
+fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .expect("client")
+}
+
+#[test]
+fn help_is_readable() {
+    let out = std::process::Command::new(NOPS)
+        .arg("--help")
+        .output()
+        .expect("run");
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    for needle in ["serve", "config", "bootstrap admin API key", "nops.toml"] {
+        assert!(text.contains(needle), "--help mentions {needle}:\n{text}");
+    }
+    let out = std::process::Command::new(NOPS)
+        .args(["serve", "--help"])
+        .output()
+        .expect("run");
+    let text = String::from_utf8_lossy(&out.stdout);
+    for needle in [
+        "NOPS_LISTEN",
+        "NOPS_DATA_DIR",
+        "NOPS_DATABASE_URL",
+        "NOPS_STALE_AFTER_MS",
+        "--heartbeat-flush-interval-ms",
+    ] {
+        assert!(
+            text.contains(needle),
+            "serve --help mentions {needle}:\n{text}"
+        );
+    }
+}
+
+#[test]
+fn flags_override_env_override_file() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(
+        dir.path().join("nops.toml"),
+        "listen = \"127.0.0.1:1111\"\n[lifecycle]\nstale_after_ms = 1000\nzombie_after_ms = 2000\nremove_after_ms = 3000\n",
+    )
+    .expect("write");
+    let show = |env: &[(&str, &str)], args: &[&str]| {
+        let mut cmd = std::process::Command::new(NOPS);
+        cmd.args(["config", "show"])
+            .args(args)
+            .current_dir(dir.path())
+            .env_remove("NOPS_LISTEN")
+            .env_remove("NOPS_CONFIG");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let out = cmd.output().expect("run");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert!(
+        show(&[], &[]).contains("listen = \"127.0.0.1:1111\""),
+        "file over default"
+    );
+    assert!(show(&[], &[]).contains("stale_after_ms = 1000"));
+    let env = [("NOPS_LISTEN", "127.0.0.1:2222")];
+    assert!(
+        show(&env, &[]).contains("listen = \"127.0.0.1:2222\""),
+        "env over file"
+    );
+    assert!(
+        show(&env, &["--listen", "127.0.0.1:3333"]).contains("listen = \"127.0.0.1:3333\""),
+        "flag over env"
+    );
+    let secret = show(
+        &[
+            ("NOPS_DATABASE_URL", "postgres://u:hunter2@h/db"),
+            ("NOPS_API_KEY_PEPPER", "pepper-secret"),
+        ],
+        &[],
+    );
+    assert!(
+        !secret.contains("hunter2") && !secret.contains("pepper-secret"),
+        "secrets are redacted:\n{secret}"
+    );
+}
+
+#[tokio::test]
+async fn an_unreachable_database_fails_the_start_with_a_clear_message() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = Command::new(NOPS)
+        .arg("serve")
+        .current_dir(dir.path())
+        .env(
+            "NOPS_DATABASE_URL",
+            "postgres://postgres:topsecret@127.0.0.1:1/nops",
+        )
+        .env("NOPS_DB_CONNECT_ATTEMPTS_MAX", "2")
+        .env("NOPS_LISTEN", "127.0.0.1:0")
+        .output()
+        .await
+        .expect("run");
+    assert!(!out.status.success(), "exits non-zero");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("nops: error: cannot reach the database at postgres://postgres:***@127.0.0.1:1/nops after 2 attempts"), "{stderr}");
+    assert!(
+        !stderr.contains("topsecret"),
+        "the password never shows: {stderr}"
+    );
+}
+
+#[tokio::test]
+async fn the_bootstrap_key_is_printed_once_and_sigterm_flushes() {
+    for backend in backends() {
+        let db = TestDb::new(backend).await;
+        let first = Process::start(&db, &[]).await;
+        let key = first.bootstrap_key().expect("first start prints the key");
+        let http = client();
+        let agent: Value = http
+            .post(format!("{}/api/v1/agents", first.base))
+            .bearer_auth(&key)
+            .json(&json!({"name": "a"}))
+            .send()
+            .await
+            .expect("create")
+            .json()
+            .await
+            .expect("json");
+        let id = agent["id"].as_str().expect("id").to_string();
+        let ack: Value = http
+            .post(format!("{}/api/v1/agents/{id}/heartbeat", first.base))
+            .bearer_auth(&key)
+            .json(&json!({"in_flight_tasks": 7}))
+            .send()
+            .await
+            .expect("heartbeat")
+            .json()
+            .await
+            .expect("json");
+        let status = first.terminate().await;
+        assert!(status.success(), "{backend:?}: a clean exit on SIGTERM");
+
+        let second = Process::start(&db, &[]).await;
+        assert_eq!(
+            second.bootstrap_key(),
+            None,
+            "{backend:?}: never printed again"
+        );
+        let got: Value = http
+            .get(format!("{}/api/v1/agents/{id}", second.base))
+            .bearer_auth(&key)
+            .send()
+            .await
+            .expect("get")
+            .json()
+            .await
+            .expect("json");
+        assert_eq!(
+            got["last_heartbeat_at_ms"], ack["at_ms"],
+            "{backend:?}: shutdown flushed the heartbeat"
+        );
+        assert_eq!(got["load"]["in_flight_tasks"], 7);
+        let db_file = std::fs::read(db.dir.path().join("nops.db")).unwrap_or_default();
+        assert!(
+            !String::from_utf8_lossy(&db_file).contains(&key),
+            "only the hash is stored"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_kernel_killed_with_sigkill_under_load_loses_no_acknowledged_write() {
+    for backend in backends() {
+        sigkill_under_load(backend).await;
+    }
+}
+
+async fn sigkill_under_load(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    // A long flush interval makes the flushed/unflushed boundary easy to see.
+    let mut kernel = Process::start(&db, &[("NOPS_HEARTBEAT_FLUSH_INTERVAL_MS", "200")]).await;
+    let key = kernel.bootstrap_key().expect("key");
+    let http = client();
+
+    // Phase 1: heartbeats, then wait until the kernel reports nothing pending.
+    let mut flushed: HashMap<String, i64> = HashMap::new();
+    for i in 0..20 {
+        let agent: Value = http
+            .post(format!("{}/api/v1/agents", kernel.base))
+            .bearer_auth(&key)
+            .json(&json!({"name": format!("hb-{i}")}))
+            .send()
+            .await
+            .expect("create")
+            .json()
+            .await
+            .expect("json");
+        let id = agent["id"].as_str().expect("id").to_string();
+        let ack: Value = http
+            .post(format!("{}/api/v1/agents/{id}/heartbeat", kernel.base))
+            .bearer_auth(&key)
+            .json(&json!({"in_flight_tasks": i}))
+            .send()
+            .await
+            .expect("heartbeat")
+            .json()
+            .await
+            .expect("json");
+        flushed.insert(id, ack["at_ms"].as_i64().expect("at"));
+    }
+    wait_until_flushed(&http, &kernel.base, flushed.len()).await;
+
+    // Phase 2: concurrent creates and heartbeats, killed mid-stream.
+    let acknowledged = Arc::new(Mutex::new(Vec::<String>::new()));
+    let mut writers = Vec::new();
+    for w in 0..8 {
+        let http = http.clone();
+        let base = kernel.base.clone();
+        let key = key.clone();
+        let acknowledged = acknowledged.clone();
+        let hb_ids: Vec<String> = flushed.keys().cloned().collect();
+        writers.push(tokio::spawn(async move {
+            for i in 0.. {
+                let create = http
+                    .post(format!("{base}/api/v1/agents"))
+                    .bearer_auth(&key)
+                    .json(&json!({"name": format!("load-{w}-{i}"), "capabilities": [{"name": "a.b", "version": "1.0.0"}]}))
+                    .send()
+                    .await;
+                match create {
+                    Ok(r) if r.status() == 201 => {
+                        acknowledged.lock().expect("lock").push(format!("load-{w}-{i}"));
+                    }
+                    Ok(r) => panic!("unexpected status {} before the kill", r.status()),
+                    Err(_) => break,
+                }
+                // Heartbeats after phase 1 are not guaranteed durable: do not count them.
+                let id = &hb_ids[i % hb_ids.len()];
+                if http.post(format!("{base}/api/v1/agents/{id}/heartbeat")).bearer_auth(&key).json(&json!({})).send().await.is_err() {
+                    break;
+                }
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    kernel.kill9();
+    for writer in writers {
+        writer.await.expect("writer");
+    }
+    let acknowledged = acknowledged.lock().expect("lock").clone();
+    assert!(
+        acknowledged.len() > 10,
+        "{backend:?}: the load ran ({} creates)",
+        acknowledged.len()
+    );
+
+    let restarted = Process::start(&db, &[]).await;
+    assert_eq!(restarted.bootstrap_key(), None);
+    let mut names = std::collections::HashSet::new();
+    let mut after: Option<String> = None;
+    let mut heartbeat_at = HashMap::new();
+    loop {
+        let mut url = format!("{}/api/v1/agents?limit=500", restarted.base);
+        if let Some(a) = &after {
+            url.push_str(&format!("&after={a}"));
+        }
+        let page: Value = http
+            .get(url)
+            .bearer_auth(&key)
+            .send()
+            .await
+            .expect("list")
+            .json()
+            .await
+            .expect("json");
+        for agent in page["items"].as_array().expect("items") {
+            names.insert(agent["name"].as_str().expect("name").to_string());
+            heartbeat_at.insert(
+                agent["id"].as_str().expect("id").to_string(),
+                agent["last_heartbeat_at_ms"].as_i64(),
+            );
+        }
+        match page["next_after"].as_str() {
+            Some(a) => after = Some(a.to_string()),
+            None => break,
+        }
+    }
+    let lost: Vec<&String> = acknowledged
+        .iter()
+        .filter(|n| !names.contains(*n))
+        .collect();
+    assert!(
+        lost.is_empty(),
+        "{backend:?}: acknowledged registrations lost: {lost:?}"
+    );
+    for (id, at) in &flushed {
+        let stored = heartbeat_at
+            .get(id)
+            .copied()
+            .flatten()
+            .expect("flushed heartbeat survives");
+        assert!(
+            stored >= *at,
+            "{backend:?}: a flushed heartbeat is never lost ({stored} < {at})"
+        );
+    }
+}
+
+async fn wait_until_flushed(http: &reqwest::Client, base: &str, count: usize) {
+    for _ in 0..100 {
+        let text = http
+            .get(format!("{base}/metrics"))
+            .send()
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("text");
+        let flushed = text
+            .lines()
+            .find_map(|l| l.strip_prefix("nops_heartbeats_flushed_total "))
+            .and_then(|v| v.parse::<usize>().ok())
+            .unwrap_or(0);
+        if flushed >= count {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("heartbeats were never flushed");
+}
