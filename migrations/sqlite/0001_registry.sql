@@ -26,7 +26,7 @@ CREATE TABLE agent_capabilities (
     version  TEXT NOT NULL,
     PRIMARY KEY (agent_id, name)
 );
-CREATE INDEX agent_capabilities_by_name ON agent_capabilities (tenant, name, agent_id);
+CREATE INDEX agent_capabilities_by_name ON agent_capabilities (tenant, name, agent_id, version);
 
 CREATE TABLE agent_labels (
     agent_id BLOB NOT NULL REFERENCES agents (id) ON DELETE CASCADE,

@@ -6,12 +6,7 @@ use serde_json::{Value, json};
 use crate::support::{TestKernel, agent_json};
 
 fn names(page: &Value) -> Vec<String> {
-    page["items"]
-        .as_array()
-        .expect("items")
-        .iter()
-        .map(|a| a["name"].as_str().expect("name").to_string())
-        .collect()
+    page["items"].as_array().expect("items").iter().map(|a| a["name"].as_str().expect("name").to_string()).collect()
 }
 
 #[tokio::test]
@@ -33,11 +28,7 @@ async fn create_get_update_delete() {
 
         let (status, got) = k.call("GET", &format!("/api/v1/agents/{id}"), None).await;
         assert_eq!(status, StatusCode::OK);
-        assert_eq!(
-            got, created,
-            "{:?}: a read returns what was written",
-            k.backend
-        );
+        assert_eq!(got, created, "{:?}: a read returns what was written", k.backend);
 
         let (status, updated) = k
             .call(
@@ -52,48 +43,23 @@ async fn create_get_update_delete() {
         assert_eq!(updated["name"], "gpu-1", "absent fields are kept");
         assert_eq!(updated["revision"], 2);
 
-        let (status, stale) = k
-            .call(
-                "PATCH",
-                &format!("/api/v1/agents/{id}"),
-                Some(json!({"name": "x", "revision": 1})),
-            )
-            .await;
-        assert_eq!(
-            status,
-            StatusCode::CONFLICT,
-            "{:?}: a stale revision is refused",
-            k.backend
-        );
+        let (status, stale) =
+            k.call("PATCH", &format!("/api/v1/agents/{id}"), Some(json!({"name": "x", "revision": 1}))).await;
+        assert_eq!(status, StatusCode::CONFLICT, "{:?}: a stale revision is refused", k.backend);
         assert_eq!(stale["error"]["code"], "revision_mismatch");
 
-        let (status, _) = k
-            .call("DELETE", &format!("/api/v1/agents/{id}"), None)
-            .await;
+        let (status, _) = k.call("DELETE", &format!("/api/v1/agents/{id}"), None).await;
         assert_eq!(status, StatusCode::NO_CONTENT);
         let (status, body) = k.call("GET", &format!("/api/v1/agents/{id}"), None).await;
         assert_eq!(status, StatusCode::NOT_FOUND);
         assert_eq!(body["error"]["code"], "not_found");
-        let (status, _) = k
-            .call("DELETE", &format!("/api/v1/agents/{id}"), None)
-            .await;
+        let (status, _) = k.call("DELETE", &format!("/api/v1/agents/{id}"), None).await;
         assert_eq!(status, StatusCode::NOT_FOUND, "deleting twice is a 404");
 
-        let (_, events) = k
-            .call("GET", &format!("/api/v1/agents/{id}/events"), None)
-            .await;
-        let kinds: Vec<&str> = events["items"]
-            .as_array()
-            .expect("items")
-            .iter()
-            .map(|e| e["kind"].as_str().expect("kind"))
-            .collect();
-        assert_eq!(
-            kinds,
-            ["registered", "updated", "deleted"],
-            "{:?}",
-            k.backend
-        );
+        let (_, events) = k.call("GET", &format!("/api/v1/agents/{id}/events"), None).await;
+        let kinds: Vec<&str> =
+            events["items"].as_array().expect("items").iter().map(|e| e["kind"].as_str().expect("kind")).collect();
+        assert_eq!(kinds, ["registered", "updated", "deleted"], "{:?}", k.backend);
     }
 }
 
@@ -101,30 +67,13 @@ async fn create_get_update_delete() {
 async fn names_are_unique_within_a_tenant_only() {
     for k in TestKernel::all().await {
         k.create_agent(agent_json("same", "a.b", "1.0.0")).await;
-        let (status, body) = k
-            .call(
-                "POST",
-                "/api/v1/agents",
-                Some(agent_json("same", "a.b", "1.0.0")),
-            )
-            .await;
+        let (status, body) = k.call("POST", "/api/v1/agents", Some(agent_json("same", "a.b", "1.0.0"))).await;
         assert_eq!(status, StatusCode::CONFLICT, "{body}");
         assert_eq!(body["error"]["code"], "name_taken");
-        let mut other = k.request(
-            "POST",
-            "/api/v1/agents",
-            Some(agent_json("same", "a.b", "1.0.0")),
-        );
-        other
-            .headers_mut()
-            .insert("x-nops-tenant", "acme".parse().expect("header"));
+        let mut other = k.request("POST", "/api/v1/agents", Some(agent_json("same", "a.b", "1.0.0")));
+        other.headers_mut().insert("x-nops-tenant", "acme".parse().expect("header"));
         let (status, _, body) = k.send(other).await;
-        assert_eq!(
-            status,
-            StatusCode::CREATED,
-            "{:?}: another tenant may use the name: {body}",
-            k.backend
-        );
+        assert_eq!(status, StatusCode::CREATED, "{:?}: another tenant may use the name: {body}", k.backend);
         assert_eq!(body["tenant"], "acme");
         assert_eq!(k.agent_count().await, 1, "the default tenant still has one");
     }
@@ -137,32 +86,17 @@ async fn tenants_cannot_see_each_others_agents() {
         let id = mine["id"].as_str().expect("id");
         for (method, path, body) in [
             ("GET", format!("/api/v1/agents/{id}"), None),
-            (
-                "PATCH",
-                format!("/api/v1/agents/{id}"),
-                Some(json!({"name": "stolen"})),
-            ),
-            (
-                "POST",
-                format!("/api/v1/agents/{id}/heartbeat"),
-                Some(json!({})),
-            ),
+            ("PATCH", format!("/api/v1/agents/{id}"), Some(json!({"name": "stolen"}))),
+            ("POST", format!("/api/v1/agents/{id}/heartbeat"), Some(json!({}))),
             ("DELETE", format!("/api/v1/agents/{id}"), None),
         ] {
             let mut req = k.request(method, &path, body);
-            req.headers_mut()
-                .insert("x-nops-tenant", "intruder".parse().expect("header"));
+            req.headers_mut().insert("x-nops-tenant", "intruder".parse().expect("header"));
             let (status, _, _) = k.send(req).await;
-            assert_eq!(
-                status,
-                StatusCode::NOT_FOUND,
-                "{:?} {method} {path} from another tenant",
-                k.backend
-            );
+            assert_eq!(status, StatusCode::NOT_FOUND, "{:?} {method} {path} from another tenant", k.backend);
         }
         let mut list = k.request("GET", "/api/v1/agents", None);
-        list.headers_mut()
-            .insert("x-nops-tenant", "intruder".parse().expect("header"));
+        list.headers_mut().insert("x-nops-tenant", "intruder".parse().expect("header"));
         let (_, _, page) = k.send(list).await;
         assert_eq!(page["items"], json!([]));
         let (status, got) = k.call("GET", &format!("/api/v1/agents/{id}"), None).await;
@@ -174,38 +108,20 @@ async fn tenants_cannot_see_each_others_agents() {
 #[tokio::test]
 async fn capability_version_requirements_select_agents() {
     for k in TestKernel::all().await {
-        for (name, version) in [
-            ("old", "1.1.9"),
-            ("mid", "1.2.0"),
-            ("new", "1.4.0"),
-            ("next", "2.0.0"),
-        ] {
-            k.create_agent(agent_json(name, "inference.llm", version))
-                .await;
+        for (name, version) in [("old", "1.1.9"), ("mid", "1.2.0"), ("new", "1.4.0"), ("next", "2.0.0")] {
+            k.create_agent(agent_json(name, "inference.llm", version)).await;
         }
-        k.create_agent(agent_json("other", "vision.ocr", "1.4.0"))
-            .await;
+        k.create_agent(agent_json("other", "vision.ocr", "1.4.0")).await;
         for (query, expect) in [
-            (
-                "capability=inference.llm",
-                vec!["old", "mid", "new", "next"],
-            ),
-            (
-                "capability=inference.llm&version=%5E1.2",
-                vec!["mid", "new"],
-            ),
-            (
-                "capability=inference.llm&version=%3E%3D1.4",
-                vec!["new", "next"],
-            ),
+            ("capability=inference.llm", vec!["old", "mid", "new", "next"]),
+            ("capability=inference.llm&version=%5E1.2", vec!["mid", "new"]),
+            ("capability=inference.llm&version=%3E%3D1.4", vec!["new", "next"]),
             ("capability=inference.llm&version=~1.1", vec!["old"]),
             ("capability=inference.llm&version=%5E3", vec![]),
             ("capability=vision.ocr", vec!["other"]),
             ("capability=none.here", vec![]),
         ] {
-            let (status, page) = k
-                .call("GET", &format!("/api/v1/agents?{query}"), None)
-                .await;
+            let (status, page) = k.call("GET", &format!("/api/v1/agents?{query}"), None).await;
             assert_eq!(status, StatusCode::OK, "{query}: {page}");
             assert_eq!(names(&page), expect, "{:?}: {query}", k.backend);
         }
@@ -215,13 +131,8 @@ async fn capability_version_requirements_select_agents() {
 #[tokio::test]
 async fn labels_and_status_filter() {
     for k in TestKernel::all().await {
-        for (name, zone, tier) in [
-            ("a", "eu", "gold"),
-            ("b", "eu", "silver"),
-            ("c", "us", "gold"),
-        ] {
-            k.create_agent(json!({"name": name, "labels": {"zone": zone, "tier": tier}}))
-                .await;
+        for (name, zone, tier) in [("a", "eu", "gold"), ("b", "eu", "silver"), ("c", "us", "gold")] {
+            k.create_agent(json!({"name": name, "labels": {"zone": zone, "tier": tier}})).await;
         }
         for (query, expect) in [
             ("label=zone%3Deu", vec!["a", "b"]),
@@ -231,9 +142,7 @@ async fn labels_and_status_filter() {
             ("status=healthy", vec!["a", "b", "c"]),
             ("status=stale", vec![]),
         ] {
-            let (status, page) = k
-                .call("GET", &format!("/api/v1/agents?{query}"), None)
-                .await;
+            let (status, page) = k.call("GET", &format!("/api/v1/agents?{query}"), None).await;
             assert_eq!(status, StatusCode::OK, "{query}: {page}");
             assert_eq!(names(&page), expect, "{:?}: {query}", k.backend);
         }
@@ -244,17 +153,9 @@ async fn labels_and_status_filter() {
 async fn cursor_pagination_visits_every_agent_once() {
     for k in TestKernel::all().await {
         for i in 0..23 {
-            k.create_agent(agent_json(
-                &format!("agent-{i:02}"),
-                "a.b",
-                &format!("1.{i}.0"),
-            ))
-            .await;
+            k.create_agent(agent_json(&format!("agent-{i:02}"), "a.b", &format!("1.{i}.0"))).await;
         }
-        for base in [
-            "/api/v1/agents?limit=5",
-            "/api/v1/agents?limit=5&capability=a.b&version=%3E%3D1.3",
-        ] {
+        for base in ["/api/v1/agents?limit=5", "/api/v1/agents?limit=5&capability=a.b&version=%3E%3D1.3"] {
             let mut seen = Vec::new();
             let mut path = base.to_string();
             for _ in 0..10 {
@@ -280,31 +181,18 @@ async fn cursor_pagination_visits_every_agent_once() {
 async fn a_store_reopened_serves_the_same_agents() {
     for backend in crate::support::backends() {
         let first = TestKernel::start(backend).await;
-        let agent = first
-            .create_agent(agent_json("durable", "a.b", "1.0.0"))
-            .await;
+        let agent = first.create_agent(agent_json("durable", "a.b", "1.0.0")).await;
         let db = first.db;
         first.kernel.store.close().await;
-        let config =
-            nops::config::Config::resolve(&crate::support::test_args(&db.url)).expect("config");
-        let again = nops::kernel::Kernel::open(
-            &config,
-            std::sync::Arc::new(nops_core::clock::ManualClock::new(0)),
-        )
-        .await
-        .expect("reopen");
-        assert!(
-            again.bootstrap_key.is_none(),
-            "{backend:?}: the bootstrap key is created only once"
-        );
+        let config = nops::config::Config::resolve(&crate::support::test_args(&db.url)).expect("config");
+        let again = nops::kernel::Kernel::open(&config, std::sync::Arc::new(nops_core::clock::ManualClock::new(0)))
+            .await
+            .expect("reopen");
+        assert!(again.bootstrap_key.is_none(), "{backend:?}: the bootstrap key is created only once");
         assert_eq!(again.agents_loaded, 1);
         let tenant = "default".parse().expect("tenant");
         let id = agent["id"].as_str().expect("id").parse().expect("agent id");
-        let got = again
-            .registry
-            .get(&tenant, id)
-            .await
-            .expect("agent survives a restart");
+        let got = again.registry.get(&tenant, id).await.expect("agent survives a restart");
         assert_eq!(got.name, "durable");
         again.store.close().await;
     }

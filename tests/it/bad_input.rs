@@ -9,17 +9,8 @@ use crate::support::{TestDb, TestKernel, agent_json, backends};
 /// Body limit of the kernels in this module, so the oversized case stays small.
 const BODY_BYTES_MAX: usize = 8 * 1024;
 
-fn raw(
-    k: &TestKernel,
-    method: &str,
-    path: &str,
-    content_type: Option<&str>,
-    body: impl Into<Body>,
-) -> Request<Body> {
-    let mut builder = Request::builder()
-        .method(method)
-        .uri(path)
-        .header("authorization", format!("Bearer {}", k.key));
+fn raw(k: &TestKernel, method: &str, path: &str, content_type: Option<&str>, body: impl Into<Body>) -> Request<Body> {
+    let mut builder = Request::builder().method(method).uri(path).header("authorization", format!("Bearer {}", k.key));
     if let Some(ct) = content_type {
         builder = builder.header("content-type", ct);
     }
@@ -36,8 +27,7 @@ async fn snapshot(k: &TestKernel) -> Value {
 async fn malformed_requests_are_refused_without_effect() {
     for backend in backends() {
         let db = TestDb::new(backend).await;
-        let k =
-            TestKernel::start_with(backend, db, |a| a.body_bytes_max = Some(BODY_BYTES_MAX)).await;
+        let k = TestKernel::start_with(backend, db, |a| a.body_bytes_max = Some(BODY_BYTES_MAX)).await;
         let agent = k.create_agent(agent_json("keep", "a.b", "1.0.0")).await;
         let id = agent["id"].as_str().expect("id").to_string();
         let agents = "/api/v1/agents";
@@ -50,27 +40,16 @@ async fn malformed_requests_are_refused_without_effect() {
             "]".repeat(1_000)
         );
         let huge = json!({"name": "x".repeat(BODY_BYTES_MAX)}).to_string();
-        let many_labels: serde_json::Map<String, Value> =
-            (0..65).map(|i| (format!("k{i}"), json!("v"))).collect();
+        let many_labels: serde_json::Map<String, Value> = (0..65).map(|i| (format!("k{i}"), json!("v"))).collect();
         let cases: Vec<(&str, Request<Body>, StatusCode, &str)> = vec![
-            (
-                "syntax",
-                raw(&k, "POST", agents, json_ct, "{\"name\":"),
-                StatusCode::BAD_REQUEST,
-                "malformed_json",
-            ),
+            ("syntax", raw(&k, "POST", agents, json_ct, "{\"name\":"), StatusCode::BAD_REQUEST, "malformed_json"),
             (
                 "not utf-8",
                 raw(&k, "POST", agents, json_ct, vec![0xff, 0xfe, 0x00]),
                 StatusCode::BAD_REQUEST,
                 "malformed_json",
             ),
-            (
-                "nesting",
-                raw(&k, "POST", agents, json_ct, deep),
-                StatusCode::BAD_REQUEST,
-                "malformed_json",
-            ),
+            ("nesting", raw(&k, "POST", agents, json_ct, deep), StatusCode::BAD_REQUEST, "malformed_json"),
             (
                 "wrong type",
                 raw(&k, "POST", agents, json_ct, r#"{"name": 5}"#),
@@ -83,12 +62,7 @@ async fn malformed_requests_are_refused_without_effect() {
                 StatusCode::UNPROCESSABLE_ENTITY,
                 "invalid_body",
             ),
-            (
-                "missing field",
-                raw(&k, "POST", agents, json_ct, "{}"),
-                StatusCode::UNPROCESSABLE_ENTITY,
-                "invalid_body",
-            ),
+            ("missing field", raw(&k, "POST", agents, json_ct, "{}"), StatusCode::UNPROCESSABLE_ENTITY, "invalid_body"),
             (
                 "no content type",
                 raw(&k, "POST", agents, None, r#"{"name":"a"}"#),
@@ -101,33 +75,16 @@ async fn malformed_requests_are_refused_without_effect() {
                 StatusCode::UNSUPPORTED_MEDIA_TYPE,
                 "unsupported_media_type",
             ),
-            (
-                "oversized",
-                raw(&k, "POST", agents, json_ct, huge),
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "body_too_large",
-            ),
+            ("oversized", raw(&k, "POST", agents, json_ct, huge), StatusCode::PAYLOAD_TOO_LARGE, "body_too_large"),
             (
                 "bad semver",
-                raw(
-                    &k,
-                    "POST",
-                    agents,
-                    json_ct,
-                    r#"{"name":"a","capabilities":[{"name":"a.b","version":"one"}]}"#,
-                ),
+                raw(&k, "POST", agents, json_ct, r#"{"name":"a","capabilities":[{"name":"a.b","version":"one"}]}"#),
                 StatusCode::UNPROCESSABLE_ENTITY,
                 "invalid_body",
             ),
             (
                 "capability name",
-                raw(
-                    &k,
-                    "POST",
-                    agents,
-                    json_ct,
-                    r#"{"name":"a","capabilities":[{"name":"A B","version":"1.0.0"}]}"#,
-                ),
+                raw(&k, "POST", agents, json_ct, r#"{"name":"a","capabilities":[{"name":"A B","version":"1.0.0"}]}"#),
                 StatusCode::UNPROCESSABLE_ENTITY,
                 "invalid_capability",
             ),
@@ -145,13 +102,7 @@ async fn malformed_requests_are_refused_without_effect() {
             ),
             (
                 "endpoint scheme",
-                raw(
-                    &k,
-                    "POST",
-                    agents,
-                    json_ct,
-                    r#"{"name":"a","endpoint":"ftp://h/x"}"#,
-                ),
+                raw(&k, "POST", agents, json_ct, r#"{"name":"a","endpoint":"ftp://h/x"}"#),
                 StatusCode::UNPROCESSABLE_ENTITY,
                 "invalid_endpoint",
             ),
@@ -169,13 +120,7 @@ async fn malformed_requests_are_refused_without_effect() {
             ),
             (
                 "too many labels",
-                raw(
-                    &k,
-                    "POST",
-                    agents,
-                    json_ct,
-                    json!({"name": "a", "labels": many_labels}).to_string(),
-                ),
+                raw(&k, "POST", agents, json_ct, json!({"name": "a", "labels": many_labels}).to_string()),
                 StatusCode::UNPROCESSABLE_ENTITY,
                 "invalid_label",
             ),
@@ -217,13 +162,7 @@ async fn malformed_requests_are_refused_without_effect() {
             ),
             (
                 "limit huge",
-                raw(
-                    &k,
-                    "GET",
-                    "/api/v1/agents?limit=100000",
-                    None,
-                    Body::empty(),
-                ),
+                raw(&k, "GET", "/api/v1/agents?limit=100000", None, Body::empty()),
                 StatusCode::BAD_REQUEST,
                 "invalid_query",
             ),
@@ -235,13 +174,7 @@ async fn malformed_requests_are_refused_without_effect() {
             ),
             (
                 "version syntax",
-                raw(
-                    &k,
-                    "GET",
-                    "/api/v1/agents?capability=a.b&version=%5E%5E1",
-                    None,
-                    Body::empty(),
-                ),
+                raw(&k, "GET", "/api/v1/agents?capability=a.b&version=%5E%5E1", None, Body::empty()),
                 StatusCode::BAD_REQUEST,
                 "invalid_query",
             ),
@@ -259,13 +192,7 @@ async fn malformed_requests_are_refused_without_effect() {
             ),
             (
                 "label",
-                raw(
-                    &k,
-                    "GET",
-                    "/api/v1/agents?label=novalue",
-                    None,
-                    Body::empty(),
-                ),
+                raw(&k, "GET", "/api/v1/agents?label=novalue", None, Body::empty()),
                 StatusCode::BAD_REQUEST,
                 "invalid_query",
             ),
@@ -283,13 +210,7 @@ async fn malformed_requests_are_refused_without_effect() {
             ),
             (
                 "capability query",
-                raw(
-                    &k,
-                    "GET",
-                    "/api/v1/agents?capability=..",
-                    None,
-                    Body::empty(),
-                ),
+                raw(&k, "GET", "/api/v1/agents?capability=..", None, Body::empty()),
                 StatusCode::UNPROCESSABLE_ENTITY,
                 "invalid_capability",
             ),
@@ -325,13 +246,7 @@ async fn malformed_requests_are_refused_without_effect() {
             ),
             (
                 "event cursor",
-                raw(
-                    &k,
-                    "GET",
-                    "/api/v1/agent-events?after=x",
-                    None,
-                    Body::empty(),
-                ),
+                raw(&k, "GET", "/api/v1/agent-events?after=x", None, Body::empty()),
                 StatusCode::BAD_REQUEST,
                 "invalid_query",
             ),
@@ -353,18 +268,9 @@ async fn malformed_requests_are_refused_without_effect() {
             let (got, headers, body) = k.send(request).await;
             assert_eq!(got, status, "{backend:?} {name}: {body}");
             assert_eq!(body["error"]["code"], code, "{backend:?} {name}: {body}");
-            assert!(
-                !body["error"]["message"].as_str().unwrap_or("").is_empty(),
-                "{name}: a message"
-            );
-            let request_id = headers
-                .get("x-request-id")
-                .and_then(|v| v.to_str().ok())
-                .expect("request id");
-            assert_eq!(
-                body["error"]["request_id"], request_id,
-                "{name}: the body names the request"
-            );
+            assert!(!body["error"]["message"].as_str().unwrap_or("").is_empty(), "{name}: a message");
+            let request_id = headers.get("x-request-id").and_then(|v| v.to_str().ok()).expect("request id");
+            assert_eq!(body["error"]["request_id"], request_id, "{name}: the body names the request");
         }
         assert_eq!(snapshot(&k).await, before, "{backend:?}: nothing changed");
     }
@@ -392,34 +298,19 @@ async fn requests_without_a_valid_key_are_401() {
             if let Some(auth) = &auth {
                 builder = builder.header("authorization", auth);
             }
-            let (status, headers, body) =
-                k.send(builder.body(Body::empty()).expect("request")).await;
+            let (status, headers, body) = k.send(builder.body(Body::empty()).expect("request")).await;
             assert_eq!(status, StatusCode::UNAUTHORIZED, "{:?} {auth:?}", k.backend);
-            assert_eq!(
-                headers.get("www-authenticate").expect("challenge"),
-                "Bearer"
-            );
+            assert_eq!(headers.get("www-authenticate").expect("challenge"), "Bearer");
             assert_eq!(body["error"]["code"], "unauthenticated");
         }
         let mut bad_tenant = k.request("GET", "/api/v1/agents", None);
-        bad_tenant
-            .headers_mut()
-            .insert("x-nops-tenant", "NOT A TENANT".parse().expect("header"));
+        bad_tenant.headers_mut().insert("x-nops-tenant", "NOT A TENANT".parse().expect("header"));
         let (status, _, body) = k.send(bad_tenant).await;
         assert_eq!(status, StatusCode::BAD_REQUEST);
         assert_eq!(body["error"]["code"], "invalid_tenant");
         let metrics = k.send_text(k.request("GET", "/metrics", None)).await.1;
-        assert!(
-            metrics.contains("nops_auth_failures_total{reason=\"missing\"} 3"),
-            "{metrics}"
-        );
-        assert!(
-            metrics.contains("nops_auth_failures_total{reason=\"unknown_key\"} 1"),
-            "{metrics}"
-        );
-        assert!(
-            metrics.contains("nops_auth_failures_total{reason=\"malformed\"} 2"),
-            "{metrics}"
-        );
+        assert!(metrics.contains("nops_auth_failures_total{reason=\"missing\"} 3"), "{metrics}");
+        assert!(metrics.contains("nops_auth_failures_total{reason=\"unknown_key\"} 1"), "{metrics}");
+        assert!(metrics.contains("nops_auth_failures_total{reason=\"malformed\"} 2"), "{metrics}");
     }
 }

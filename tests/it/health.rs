@@ -38,10 +38,7 @@ async fn health_ready_and_extended_report_each_component() {
         assert_eq!(body["components"]["store"]["status"], "down");
         let (status, body) = k.call("GET", "/api/v1/agents", None).await;
         assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
-        assert!(
-            !body.to_string().contains("pool"),
-            "internals stay in the logs: {body}"
-        );
+        assert!(!body.to_string().contains("pool"), "internals stay in the logs: {body}");
     }
 }
 
@@ -51,12 +48,7 @@ async fn metrics_count_requests_by_route_and_status() {
         let agent = k.create_agent(agent_json("m", "a.b", "1.0.0")).await;
         let id = agent["id"].as_str().expect("id");
         for _ in 0..3 {
-            k.call(
-                "POST",
-                &format!("/api/v1/agents/{id}/heartbeat"),
-                Some(json!({})),
-            )
-            .await;
+            k.call("POST", &format!("/api/v1/agents/{id}/heartbeat"), Some(json!({}))).await;
         }
         k.call("GET", "/api/v1/agents/not-a-uuid", None).await;
         let (status, text) = k.send_text(k.request("GET", "/metrics", None)).await;
@@ -69,11 +61,7 @@ async fn metrics_count_requests_by_route_and_status() {
             "nops_heartbeats_pending 1",
             "nops_agents{status=\"healthy\"} 1",
         ] {
-            assert!(
-                text.contains(line),
-                "{:?}: missing {line}\n{text}",
-                k.backend
-            );
+            assert!(text.contains(line), "{:?}: missing {line}\n{text}", k.backend);
         }
         for family in [
             "nops_http_request_duration_seconds_bucket",
@@ -94,45 +82,26 @@ async fn every_response_has_a_request_id_and_security_headers() {
     for k in TestKernel::all().await {
         let requests = [
             Request::get("/health").body(Body::empty()).expect("req"),
-            Request::get("/api/v1/agents")
-                .body(Body::empty())
-                .expect("req"),
+            Request::get("/api/v1/agents").body(Body::empty()).expect("req"),
             k.request("GET", "/api/v1/agents", None),
             Request::get("/nowhere").body(Body::empty()).expect("req"),
-            Request::get("/health")
-                .header("x-request-id", "trace-me-123")
-                .body(Body::empty())
-                .expect("req"),
-            Request::get("/health")
-                .header("x-request-id", "x".repeat(500))
-                .body(Body::empty())
-                .expect("req"),
+            Request::get("/health").header("x-request-id", "trace-me-123").body(Body::empty()).expect("req"),
+            Request::get("/health").header("x-request-id", "x".repeat(500)).body(Body::empty()).expect("req"),
         ];
         let mut ids = Vec::new();
         for request in requests {
             let (_, headers, _) = k.send(request).await;
-            let id = headers
-                .get("x-request-id")
-                .and_then(|v| v.to_str().ok())
-                .expect("request id")
-                .to_string();
+            let id = headers.get("x-request-id").and_then(|v| v.to_str().ok()).expect("request id").to_string();
             assert!(!id.is_empty() && id.len() <= 128, "{id}");
             ids.push(id);
             for (name, value) in [
                 ("x-content-type-options", "nosniff"),
                 ("x-frame-options", "DENY"),
                 ("referrer-policy", "no-referrer"),
-                (
-                    "content-security-policy",
-                    "default-src 'none'; frame-ancestors 'none'",
-                ),
+                ("content-security-policy", "default-src 'none'; frame-ancestors 'none'"),
                 ("cache-control", "no-store"),
             ] {
-                assert_eq!(
-                    headers.get(name).and_then(|v| v.to_str().ok()),
-                    Some(value),
-                    "{name}"
-                );
+                assert_eq!(headers.get(name).and_then(|v| v.to_str().ok()), Some(value), "{name}");
             }
             assert!(headers.get("server").is_none(), "no server banner");
         }

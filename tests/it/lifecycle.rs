@@ -36,22 +36,14 @@ async fn silent_agents_go_stale_then_zombie_then_are_removed() {
         let registry = &k.kernel.registry;
 
         k.clock.advance_ms(9_999);
-        assert!(
-            registry.sweep().await.expect("sweep").is_empty(),
-            "{:?}: still healthy",
-            k.backend
-        );
+        assert!(registry.sweep().await.expect("sweep").is_empty(), "{:?}: still healthy", k.backend);
         assert_eq!(status_of(&k, &id).await.1, "healthy");
 
         k.clock.advance_ms(1);
         assert_eq!(registry.sweep().await.expect("sweep").len(), 1);
         assert_eq!(status_of(&k, &id).await.1, "stale", "{:?}", k.backend);
         let (_, stale) = k.call("GET", "/api/v1/agents?status=stale", None).await;
-        assert_eq!(
-            stale["items"].as_array().expect("items").len(),
-            1,
-            "the store knows the status"
-        );
+        assert_eq!(stale["items"].as_array().expect("items").len(), 1, "the store knows the status");
 
         k.clock.advance_ms(10_000);
         registry.sweep().await.expect("sweep");
@@ -59,38 +51,16 @@ async fn silent_agents_go_stale_then_zombie_then_are_removed() {
 
         k.clock.advance_ms(40_000);
         registry.sweep().await.expect("sweep");
-        assert_eq!(
-            status_of(&k, &id).await.0,
-            StatusCode::NOT_FOUND,
-            "{:?}: removed",
-            k.backend
-        );
+        assert_eq!(status_of(&k, &id).await.0, StatusCode::NOT_FOUND, "{:?}: removed", k.backend);
 
-        let (_, events) = k
-            .call("GET", &format!("/api/v1/agents/{id}/events"), None)
-            .await;
+        let (_, events) = k.call("GET", &format!("/api/v1/agents/{id}/events"), None).await;
         assert_eq!(
             transitions(&events),
             vec![
                 ("registered".into(), Value::Null, Value::Null, T0_MS),
-                (
-                    "status_changed".into(),
-                    json!("healthy"),
-                    json!("stale"),
-                    T0_MS + 10_000
-                ),
-                (
-                    "status_changed".into(),
-                    json!("stale"),
-                    json!("zombie"),
-                    T0_MS + 20_000
-                ),
-                (
-                    "expired".into(),
-                    json!("zombie"),
-                    Value::Null,
-                    T0_MS + 60_000
-                ),
+                ("status_changed".into(), json!("healthy"), json!("stale"), T0_MS + 10_000),
+                ("status_changed".into(), json!("stale"), json!("zombie"), T0_MS + 20_000),
+                ("expired".into(), json!("zombie"), Value::Null, T0_MS + 60_000),
             ],
             "{:?}: every step is recorded with its time",
             k.backend
@@ -108,37 +78,19 @@ async fn a_heartbeat_revives_a_stale_or_zombie_agent() {
         registry.sweep().await.expect("sweep");
         assert_eq!(status_of(&k, &id).await.1, "zombie");
 
-        let (status, ack) = k
-            .call(
-                "POST",
-                &format!("/api/v1/agents/{id}/heartbeat"),
-                Some(json!({})),
-            )
-            .await;
+        let (status, ack) = k.call("POST", &format!("/api/v1/agents/{id}/heartbeat"), Some(json!({}))).await;
         assert_eq!(status, StatusCode::OK);
         assert_eq!(ack["status"], "healthy");
         assert_eq!(status_of(&k, &id).await.1, "healthy", "{:?}", k.backend);
         let (_, healthy) = k.call("GET", "/api/v1/agents?status=healthy", None).await;
-        assert_eq!(
-            healthy["items"].as_array().expect("items").len(),
-            1,
-            "{:?}: revival is stored at once",
-            k.backend
-        );
+        assert_eq!(healthy["items"].as_array().expect("items").len(), 1, "{:?}: revival is stored at once", k.backend);
 
         // The heartbeat restarts the clock: 9.999 s later it is still healthy.
         k.clock.advance_ms(9_999);
         assert!(registry.sweep().await.expect("sweep").is_empty());
-        let (_, events) = k
-            .call("GET", &format!("/api/v1/agents/{id}/events"), None)
-            .await;
+        let (_, events) = k.call("GET", &format!("/api/v1/agents/{id}/events"), None).await;
         let last = transitions(&events).pop().expect("events");
-        assert_eq!(
-            (last.1, last.2),
-            (json!("zombie"), json!("healthy")),
-            "{:?}",
-            k.backend
-        );
+        assert_eq!((last.1, last.2), (json!("zombie"), json!("healthy")), "{:?}", k.backend);
     }
 }
 
@@ -150,22 +102,11 @@ async fn heartbeating_agents_stay_healthy_and_the_tenant_event_log_pages() {
         k.create_agent(agent_json("dead", "a.b", "1.0.0")).await;
         for _ in 0..7 {
             k.clock.advance_ms(5_000);
-            let (status, _) = k
-                .call(
-                    "POST",
-                    &format!("/api/v1/agents/{live_id}/heartbeat"),
-                    Some(json!({})),
-                )
-                .await;
+            let (status, _) = k.call("POST", &format!("/api/v1/agents/{live_id}/heartbeat"), Some(json!({}))).await;
             assert_eq!(status, StatusCode::OK);
             k.kernel.registry.sweep().await.expect("sweep");
         }
-        assert_eq!(
-            status_of(&k, &live_id).await.1,
-            "healthy",
-            "{:?}",
-            k.backend
-        );
+        assert_eq!(status_of(&k, &live_id).await.1, "healthy", "{:?}", k.backend);
         // Events of the whole tenant, two per page.
         let mut kinds = Vec::new();
         let mut path = "/api/v1/agent-events?limit=2".to_string();
@@ -178,29 +119,10 @@ async fn heartbeating_agents_stay_healthy_and_the_tenant_event_log_pages() {
                 None => break,
             }
         }
-        assert_eq!(
-            kinds,
-            [
-                "registered",
-                "registered",
-                "status_changed",
-                "status_changed"
-            ],
-            "{:?}",
-            k.backend
-        );
+        assert_eq!(kinds, ["registered", "registered", "status_changed", "status_changed"], "{:?}", k.backend);
         let metrics = k.send_text(k.request("GET", "/metrics", None)).await.1;
-        assert!(
-            metrics.contains("nops_agent_transitions_total{to=\"zombie\"} 1"),
-            "{metrics}"
-        );
-        assert!(
-            metrics.contains("nops_agents{status=\"healthy\"} 1"),
-            "{metrics}"
-        );
-        assert!(
-            metrics.contains("nops_agents{status=\"zombie\"} 1"),
-            "{metrics}"
-        );
+        assert!(metrics.contains("nops_agent_transitions_total{to=\"zombie\"} 1"), "{metrics}");
+        assert!(metrics.contains("nops_agents{status=\"healthy\"} 1"), "{metrics}");
+        assert!(metrics.contains("nops_agents{status=\"zombie\"} 1"), "{metrics}");
     }
 }

@@ -60,18 +60,9 @@ impl Process {
         });
         let addr = tokio::time::timeout(Duration::from_millis(START_WAIT_MS_MAX), addr_rx)
             .await
-            .unwrap_or_else(|_| {
-                panic!(
-                    "nops did not start; stderr:\n{}",
-                    stderr.lock().expect("lock")
-                )
-            })
+            .unwrap_or_else(|_| panic!("nops did not start; stderr:\n{}", stderr.lock().expect("lock")))
             .unwrap_or_else(|_| panic!("nops exited; stderr:\n{}", stderr.lock().expect("lock")));
-        Self {
-            child,
-            stderr,
-            base: format!("http://{addr}"),
-        }
+        Self { child, stderr, base: format!("http://{addr}") }
     }
 
     fn bootstrap_key(&self) -> Option<String> {
@@ -84,60 +75,35 @@ impl Process {
 
     fn kill9(&mut self) {
         let pid = self.child.id().expect("running");
-        let status = std::process::Command::new("kill")
-            .args(["-9", &pid.to_string()])
-            .status()
-            .expect("kill");
+        let status = std::process::Command::new("kill").args(["-9", &pid.to_string()]).status().expect("kill");
         assert!(status.success());
     }
 
     async fn terminate(mut self) -> std::process::ExitStatus {
         let pid = self.child.id().expect("running");
-        std::process::Command::new("kill")
-            .args(["-TERM", &pid.to_string()])
-            .status()
-            .expect("kill");
-        tokio::time::timeout(Duration::from_secs(20), self.child.wait())
-            .await
-            .expect("exits on SIGTERM")
-            .expect("wait")
+        std::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status().expect("kill");
+        tokio::time::timeout(Duration::from_secs(20), self.child.wait()).await.expect("exits on SIGTERM").expect("wait")
     }
 }
 
 fn client() -> reqwest::Client {
-    reqwest::Client::builder()
-        .timeout(Duration::from_secs(10))
-        .build()
-        .expect("client")
+    reqwest::Client::builder().timeout(Duration::from_secs(10)).build().expect("client")
 }
 
 #[test]
 fn help_is_readable() {
-    let out = std::process::Command::new(NOPS)
-        .arg("--help")
-        .output()
-        .expect("run");
+    let out = std::process::Command::new(NOPS).arg("--help").output().expect("run");
     assert!(out.status.success());
     let text = String::from_utf8_lossy(&out.stdout);
     for needle in ["serve", "config", "bootstrap admin API key", "nops.toml"] {
         assert!(text.contains(needle), "--help mentions {needle}:\n{text}");
     }
-    let out = std::process::Command::new(NOPS)
-        .args(["serve", "--help"])
-        .output()
-        .expect("run");
+    let out = std::process::Command::new(NOPS).args(["serve", "--help"]).output().expect("run");
     let text = String::from_utf8_lossy(&out.stdout);
-    for needle in [
-        "NOPS_LISTEN",
-        "NOPS_DATA_DIR",
-        "NOPS_DATABASE_URL",
-        "NOPS_STALE_AFTER_MS",
-        "--heartbeat-flush-interval-ms",
-    ] {
-        assert!(
-            text.contains(needle),
-            "serve --help mentions {needle}:\n{text}"
-        );
+    for needle in
+        ["NOPS_LISTEN", "NOPS_DATA_DIR", "NOPS_DATABASE_URL", "NOPS_STALE_AFTER_MS", "--heartbeat-flush-interval-ms"]
+    {
+        assert!(text.contains(needle), "serve --help mentions {needle}:\n{text}");
     }
 }
 
@@ -160,38 +126,17 @@ fn flags_override_env_override_file() {
             cmd.env(k, v);
         }
         let out = cmd.output().expect("run");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         String::from_utf8_lossy(&out.stdout).into_owned()
     };
-    assert!(
-        show(&[], &[]).contains("listen = \"127.0.0.1:1111\""),
-        "file over default"
-    );
+    assert!(show(&[], &[]).contains("listen = \"127.0.0.1:1111\""), "file over default");
     assert!(show(&[], &[]).contains("stale_after_ms = 1000"));
     let env = [("NOPS_LISTEN", "127.0.0.1:2222")];
-    assert!(
-        show(&env, &[]).contains("listen = \"127.0.0.1:2222\""),
-        "env over file"
-    );
-    assert!(
-        show(&env, &["--listen", "127.0.0.1:3333"]).contains("listen = \"127.0.0.1:3333\""),
-        "flag over env"
-    );
-    let secret = show(
-        &[
-            ("NOPS_DATABASE_URL", "postgres://u:hunter2@h/db"),
-            ("NOPS_API_KEY_PEPPER", "pepper-secret"),
-        ],
-        &[],
-    );
-    assert!(
-        !secret.contains("hunter2") && !secret.contains("pepper-secret"),
-        "secrets are redacted:\n{secret}"
-    );
+    assert!(show(&env, &[]).contains("listen = \"127.0.0.1:2222\""), "env over file");
+    assert!(show(&env, &["--listen", "127.0.0.1:3333"]).contains("listen = \"127.0.0.1:3333\""), "flag over env");
+    let secret =
+        show(&[("NOPS_DATABASE_URL", "postgres://u:hunter2@h/db"), ("NOPS_API_KEY_PEPPER", "pepper-secret")], &[]);
+    assert!(!secret.contains("hunter2") && !secret.contains("pepper-secret"), "secrets are redacted:\n{secret}");
 }
 
 #[tokio::test]
@@ -200,10 +145,7 @@ async fn an_unreachable_database_fails_the_start_with_a_clear_message() {
     let out = Command::new(NOPS)
         .arg("serve")
         .current_dir(dir.path())
-        .env(
-            "NOPS_DATABASE_URL",
-            "postgres://postgres:topsecret@127.0.0.1:1/nops",
-        )
+        .env("NOPS_DATABASE_URL", "postgres://postgres:topsecret@127.0.0.1:1/nops")
         .env("NOPS_DB_CONNECT_ATTEMPTS_MAX", "2")
         .env("NOPS_LISTEN", "127.0.0.1:0")
         .output()
@@ -211,11 +153,13 @@ async fn an_unreachable_database_fails_the_start_with_a_clear_message() {
         .expect("run");
     assert!(!out.status.success(), "exits non-zero");
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("nops: error: cannot reach the database at postgres://postgres:***@127.0.0.1:1/nops after 2 attempts"), "{stderr}");
     assert!(
-        !stderr.contains("topsecret"),
-        "the password never shows: {stderr}"
+        stderr.contains(
+            "nops: error: cannot reach the database at postgres://postgres:***@127.0.0.1:1/nops after 2 attempts"
+        ),
+        "{stderr}"
     );
+    assert!(!stderr.contains("topsecret"), "the password never shows: {stderr}");
 }
 
 #[tokio::test]
@@ -250,11 +194,7 @@ async fn the_bootstrap_key_is_printed_once_and_sigterm_flushes() {
         assert!(status.success(), "{backend:?}: a clean exit on SIGTERM");
 
         let second = Process::start(&db, &[]).await;
-        assert_eq!(
-            second.bootstrap_key(),
-            None,
-            "{backend:?}: never printed again"
-        );
+        assert_eq!(second.bootstrap_key(), None, "{backend:?}: never printed again");
         let got: Value = http
             .get(format!("{}/api/v1/agents/{id}", second.base))
             .bearer_auth(&key)
@@ -264,16 +204,10 @@ async fn the_bootstrap_key_is_printed_once_and_sigterm_flushes() {
             .json()
             .await
             .expect("json");
-        assert_eq!(
-            got["last_heartbeat_at_ms"], ack["at_ms"],
-            "{backend:?}: shutdown flushed the heartbeat"
-        );
+        assert_eq!(got["last_heartbeat_at_ms"], ack["at_ms"], "{backend:?}: shutdown flushed the heartbeat");
         assert_eq!(got["load"]["in_flight_tasks"], 7);
         let db_file = std::fs::read(db.dir.path().join("nops.db")).unwrap_or_default();
-        assert!(
-            !String::from_utf8_lossy(&db_file).contains(&key),
-            "only the hash is stored"
-        );
+        assert!(!String::from_utf8_lossy(&db_file).contains(&key), "only the hash is stored");
     }
 }
 
@@ -357,11 +291,7 @@ async fn sigkill_under_load(backend: Backend) {
         writer.await.expect("writer");
     }
     let acknowledged = acknowledged.lock().expect("lock").clone();
-    assert!(
-        acknowledged.len() > 10,
-        "{backend:?}: the load ran ({} creates)",
-        acknowledged.len()
-    );
+    assert!(acknowledged.len() > 10, "{backend:?}: the load ran ({} creates)", acknowledged.len());
 
     let restarted = Process::start(&db, &[]).await;
     assert_eq!(restarted.bootstrap_key(), None);
@@ -373,58 +303,27 @@ async fn sigkill_under_load(backend: Backend) {
         if let Some(a) = &after {
             url.push_str(&format!("&after={a}"));
         }
-        let page: Value = http
-            .get(url)
-            .bearer_auth(&key)
-            .send()
-            .await
-            .expect("list")
-            .json()
-            .await
-            .expect("json");
+        let page: Value = http.get(url).bearer_auth(&key).send().await.expect("list").json().await.expect("json");
         for agent in page["items"].as_array().expect("items") {
             names.insert(agent["name"].as_str().expect("name").to_string());
-            heartbeat_at.insert(
-                agent["id"].as_str().expect("id").to_string(),
-                agent["last_heartbeat_at_ms"].as_i64(),
-            );
+            heartbeat_at.insert(agent["id"].as_str().expect("id").to_string(), agent["last_heartbeat_at_ms"].as_i64());
         }
         match page["next_after"].as_str() {
             Some(a) => after = Some(a.to_string()),
             None => break,
         }
     }
-    let lost: Vec<&String> = acknowledged
-        .iter()
-        .filter(|n| !names.contains(*n))
-        .collect();
-    assert!(
-        lost.is_empty(),
-        "{backend:?}: acknowledged registrations lost: {lost:?}"
-    );
+    let lost: Vec<&String> = acknowledged.iter().filter(|n| !names.contains(*n)).collect();
+    assert!(lost.is_empty(), "{backend:?}: acknowledged registrations lost: {lost:?}");
     for (id, at) in &flushed {
-        let stored = heartbeat_at
-            .get(id)
-            .copied()
-            .flatten()
-            .expect("flushed heartbeat survives");
-        assert!(
-            stored >= *at,
-            "{backend:?}: a flushed heartbeat is never lost ({stored} < {at})"
-        );
+        let stored = heartbeat_at.get(id).copied().flatten().expect("flushed heartbeat survives");
+        assert!(stored >= *at, "{backend:?}: a flushed heartbeat is never lost ({stored} < {at})");
     }
 }
 
 async fn wait_until_flushed(http: &reqwest::Client, base: &str, count: usize) {
     for _ in 0..100 {
-        let text = http
-            .get(format!("{base}/metrics"))
-            .send()
-            .await
-            .expect("metrics")
-            .text()
-            .await
-            .expect("text");
+        let text = http.get(format!("{base}/metrics")).send().await.expect("metrics").text().await.expect("text");
         let flushed = text
             .lines()
             .find_map(|l| l.strip_prefix("nops_heartbeats_flushed_total "))

@@ -59,26 +59,15 @@ impl TestDb {
         match backend {
             Backend::Sqlite => {
                 let url = format!("sqlite://{}", dir.path().join("nops.db").display());
-                Self {
-                    url,
-                    dir,
-                    pg_name: None,
-                }
+                Self { url, dir, pg_name: None }
             }
             Backend::Postgres => {
                 let admin = postgres_url().expect("postgres url");
                 let name = format!("nops_it_{}", uuid::Uuid::now_v7().simple());
                 let mut conn = connect_admin(&admin).await;
-                sqlx::query(&format!("CREATE DATABASE \"{name}\""))
-                    .execute(&mut conn)
-                    .await
-                    .expect("create database");
+                sqlx::query(&format!("CREATE DATABASE \"{name}\"")).execute(&mut conn).await.expect("create database");
                 let url = replace_database(&admin, &name);
-                Self {
-                    url,
-                    dir,
-                    pg_name: Some(name),
-                }
+                Self { url, dir, pg_name: Some(name) }
             }
         }
     }
@@ -90,16 +79,12 @@ impl Drop for TestDb {
             let admin = postgres_url().expect("postgres url");
             // Drop runs outside any runtime guarantee: use a private thread and runtime.
             let _ = std::thread::spawn(move || {
-                let rt = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                    .expect("runtime");
+                let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
                 rt.block_on(async {
                     let mut conn = connect_admin(&admin).await;
-                    let _ =
-                        sqlx::query(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
-                            .execute(&mut conn)
-                            .await;
+                    let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
+                        .execute(&mut conn)
+                        .await;
                 });
             })
             .join();
@@ -109,20 +94,13 @@ impl Drop for TestDb {
 
 async fn connect_admin(url: &str) -> sqlx::PgConnection {
     use sqlx::Connection;
-    sqlx::PgConnection::connect(url)
-        .await
-        .expect("connect to the test PostgreSQL server")
+    sqlx::PgConnection::connect(url).await.expect("connect to the test PostgreSQL server")
 }
 
 /// `url` with its database name replaced by `name`.
 pub fn replace_database(url: &str, name: &str) -> String {
-    let (base, query) = url
-        .split_once('?')
-        .map_or((url, None), |(b, q)| (b, Some(q)));
-    let cut = base
-        .rfind('/')
-        .filter(|&i| i > base.find("://").map_or(0, |s| s + 2))
-        .unwrap_or(base.len());
+    let (base, query) = url.split_once('?').map_or((url, None), |(b, q)| (b, Some(q)));
+    let cut = base.rfind('/').filter(|&i| i > base.find("://").map_or(0, |s| s + 2)).unwrap_or(base.len());
     let mut out = format!("{}/{}", &base[..cut], name);
     if let Some(query) = query {
         out.push('?');
@@ -159,34 +137,16 @@ impl TestKernel {
     }
 
     /// Starts a kernel on `db` after letting `tweak` adjust the settings.
-    pub async fn start_with(
-        backend: Backend,
-        db: TestDb,
-        tweak: impl FnOnce(&mut ServeArgs),
-    ) -> Self {
+    pub async fn start_with(backend: Backend, db: TestDb, tweak: impl FnOnce(&mut ServeArgs)) -> Self {
         let mut args = test_args(&db.url);
         args.data_dir = Some(db.dir.path().to_path_buf());
         tweak(&mut args);
         let config = Config::resolve(&args).expect("config");
         let clock = ManualClock::new(T0_MS);
-        let kernel = Kernel::open(&config, Arc::new(clock.clone()))
-            .await
-            .expect("kernel opens");
-        let key = kernel
-            .bootstrap_key
-            .as_ref()
-            .expect("a fresh store creates the bootstrap key")
-            .secret
-            .clone();
+        let kernel = Kernel::open(&config, Arc::new(clock.clone())).await.expect("kernel opens");
+        let key = kernel.bootstrap_key.as_ref().expect("a fresh store creates the bootstrap key").secret.clone();
         let router = kernel.router();
-        Self {
-            backend,
-            kernel,
-            router,
-            clock,
-            key,
-            db,
-        }
+        Self { backend, kernel, router, clock, key, db }
     }
 
     /// Every backend's kernel, one after the other.
@@ -205,10 +165,8 @@ impl TestKernel {
     }
 
     pub fn request(&self, method: &str, path: &str, body: Option<Value>) -> Request<Body> {
-        let builder = Request::builder()
-            .method(method)
-            .uri(path)
-            .header("authorization", format!("Bearer {}", self.key));
+        let builder =
+            Request::builder().method(method).uri(path).header("authorization", format!("Bearer {}", self.key));
         match body {
             Some(body) => builder
                 .header("content-type", "application/json")
@@ -220,39 +178,19 @@ impl TestKernel {
 
     /// Sends any request; returns status, headers and JSON body (Null if empty or not JSON).
     pub async fn send(&self, request: Request<Body>) -> (StatusCode, http::HeaderMap, Value) {
-        let response = self
-            .router
-            .clone()
-            .oneshot(request)
-            .await
-            .expect("router is infallible");
+        let response = self.router.clone().oneshot(request).await.expect("router is infallible");
         let status = response.status();
         let headers = response.headers().clone();
-        let bytes = response
-            .into_body()
-            .collect()
-            .await
-            .expect("body")
-            .to_bytes();
+        let bytes = response.into_body().collect().await.expect("body").to_bytes();
         let body = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
         (status, headers, body)
     }
 
     /// Sends a request and returns the raw body text.
     pub async fn send_text(&self, request: Request<Body>) -> (StatusCode, String) {
-        let response = self
-            .router
-            .clone()
-            .oneshot(request)
-            .await
-            .expect("router is infallible");
+        let response = self.router.clone().oneshot(request).await.expect("router is infallible");
         let status = response.status();
-        let bytes = response
-            .into_body()
-            .collect()
-            .await
-            .expect("body")
-            .to_bytes();
+        let bytes = response.into_body().collect().await.expect("body").to_bytes();
         (status, String::from_utf8_lossy(&bytes).into_owned())
     }
 

@@ -28,8 +28,6 @@ impl<S: Send + Sync> FromRequestParts<S> for RequestContext {
             .extensions
             .get::<RequestContext>()
             .cloned()
-            .ok_or_else(|| {
-                ApiError::internal("request context missing: route not behind authentication")
-            })
+            .ok_or_else(|| ApiError::internal("request context missing: route not behind authentication"))
     }
 }

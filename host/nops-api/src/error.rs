@@ -30,18 +30,8 @@ pub struct ApiError {
 
 impl ApiError {
     /// An error with status, code and message.
-    pub fn new(
-        status: StatusCode,
-        code: &'static str,
-        message: impl Into<Cow<'static, str>>,
-    ) -> Self {
-        Self {
-            status,
-            code,
-            message: message.into(),
-            detail: None,
-            challenge: false,
-        }
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<Cow<'static, str>>) -> Self {
+        Self { status, code, message: message.into(), detail: None, challenge: false }
     }
 
     /// A 400 for a bad request.
@@ -53,20 +43,13 @@ impl ApiError {
     pub fn internal(detail: impl Into<String>) -> Self {
         Self {
             detail: Some(detail.into()),
-            ..Self::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "internal",
-                "internal error",
-            )
+            ..Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "internal error")
         }
     }
 
     /// A 401 with a bearer challenge.
     pub fn unauthenticated(message: impl Into<Cow<'static, str>>) -> Self {
-        Self {
-            challenge: true,
-            ..Self::new(StatusCode::UNAUTHORIZED, "unauthenticated", message)
-        }
+        Self { challenge: true, ..Self::new(StatusCode::UNAUTHORIZED, "unauthenticated", message) }
     }
 }
 
@@ -74,25 +57,16 @@ impl From<CoreError> for ApiError {
     fn from(err: CoreError) -> Self {
         match err {
             CoreError::Invalid { code, message } => {
-                let status = if code == "invalid_id"
-                    || code == "invalid_tenant"
-                    || code == "invalid_query"
-                {
+                let status = if code == "invalid_id" || code == "invalid_tenant" || code == "invalid_query" {
                     StatusCode::BAD_REQUEST
                 } else {
                     StatusCode::UNPROCESSABLE_ENTITY
                 };
                 Self::new(status, code, message)
             }
-            CoreError::NotFound { what } => Self::new(
-                StatusCode::NOT_FOUND,
-                "not_found",
-                format!("{what} not found"),
-            ),
+            CoreError::NotFound { what } => Self::new(StatusCode::NOT_FOUND, "not_found", format!("{what} not found")),
             CoreError::Conflict { code, message } => Self::new(StatusCode::CONFLICT, code, message),
-            CoreError::LimitExceeded { message } => {
-                Self::new(StatusCode::CONFLICT, "limit_exceeded", message)
-            }
+            CoreError::LimitExceeded { message } => Self::new(StatusCode::CONFLICT, "limit_exceeded", message),
             CoreError::Unauthenticated { .. } => {
                 Self::unauthenticated("missing, invalid, expired or revoked credential")
             }
@@ -114,9 +88,7 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let mut response = self.status.into_response();
         if self.challenge {
-            response
-                .headers_mut()
-                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            response.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
         response.extensions_mut().insert(self);
         response
@@ -145,15 +117,10 @@ pub struct ErrorDetail {
 pub(crate) fn for_status(status: StatusCode) -> ApiError {
     let (code, message) = match status {
         StatusCode::NOT_FOUND => ("not_found", "no such route"),
-        StatusCode::METHOD_NOT_ALLOWED => {
-            ("method_not_allowed", "method not allowed on this route")
-        }
+        StatusCode::METHOD_NOT_ALLOWED => ("method_not_allowed", "method not allowed on this route"),
         StatusCode::PAYLOAD_TOO_LARGE => ("body_too_large", "request body too large"),
         StatusCode::REQUEST_TIMEOUT => ("timeout", "request took too long"),
-        StatusCode::UNSUPPORTED_MEDIA_TYPE => (
-            "unsupported_media_type",
-            "expected Content-Type: application/json",
-        ),
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => ("unsupported_media_type", "expected Content-Type: application/json"),
         s if s.is_server_error() => ("internal", "internal error"),
         _ => ("bad_request", "bad request"),
     };

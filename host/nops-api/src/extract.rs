@@ -27,33 +27,22 @@ fn json_rejection(rejection: JsonRejection) -> ApiError {
     let status = rejection.status();
     let (code, message) = match &rejection {
         JsonRejection::JsonDataError(e) => ("invalid_body", data_error_message(&e.body_text())),
-        JsonRejection::JsonSyntaxError(_) => (
-            "malformed_json",
-            "request body is not valid JSON".to_string(),
-        ),
-        JsonRejection::MissingJsonContentType(_) => (
-            "unsupported_media_type",
-            "expected Content-Type: application/json".to_string(),
-        ),
-        _ if status == StatusCode::PAYLOAD_TOO_LARGE => {
-            ("body_too_large", "request body too large".to_string())
+        JsonRejection::JsonSyntaxError(_) => ("malformed_json", "request body is not valid JSON".to_string()),
+        JsonRejection::MissingJsonContentType(_) => {
+            ("unsupported_media_type", "expected Content-Type: application/json".to_string())
         }
+        _ if status == StatusCode::PAYLOAD_TOO_LARGE => ("body_too_large", "request body too large".to_string()),
         _ => ("bad_request", "could not read the request body".to_string()),
     };
-    let status = if status == StatusCode::UNPROCESSABLE_ENTITY {
-        StatusCode::UNPROCESSABLE_ENTITY
-    } else {
-        status
-    };
+    let status = if status == StatusCode::UNPROCESSABLE_ENTITY { StatusCode::UNPROCESSABLE_ENTITY } else { status };
     ApiError::new(status, code, message)
 }
 
 /// serde's message without axum's "Failed to deserialize the JSON body into the target type: "
 /// prefix; it names the field and what was expected, never echoes large input.
 fn data_error_message(body_text: &str) -> String {
-    let text = body_text
-        .strip_prefix("Failed to deserialize the JSON body into the target type: ")
-        .unwrap_or(body_text);
+    let text =
+        body_text.strip_prefix("Failed to deserialize the JSON body into the target type: ").unwrap_or(body_text);
     truncate(text, 300)
 }
 
@@ -83,9 +72,7 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for Query<T> {
 
 fn query_rejection(rejection: QueryRejection) -> ApiError {
     let text = rejection.body_text();
-    let text = text
-        .strip_prefix("Failed to deserialize query string: ")
-        .unwrap_or(&text);
+    let text = text.strip_prefix("Failed to deserialize query string: ").unwrap_or(&text);
     ApiError::bad_request("invalid_query", truncate(text, 300))
 }
 

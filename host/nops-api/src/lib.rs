@@ -36,17 +36,32 @@ pub struct HttpConfig {
 
 impl Default for HttpConfig {
     fn default() -> Self {
-        Self {
-            body_bytes_max: 1024 * 1024,
-            request_timeout_ms: 30_000,
-            probe_timeout_ms: 2_000,
-        }
+        Self { body_bytes_max: 1024 * 1024, request_timeout_ms: 30_000, probe_timeout_ms: 2_000 }
     }
 }
 
-/// Everything a handler can reach.
+/// Everything a handler can reach. Cloned on every request by axum's extractors, so it is
+/// one `Arc` (a clone is one atomic increment, not one per field).
 #[derive(Clone)]
-pub struct AppState {
+pub struct AppState(Arc<Services>);
+
+impl AppState {
+    /// Shares `services` with every handler.
+    pub fn new(services: Services) -> Self {
+        Self(Arc::new(services))
+    }
+}
+
+impl std::ops::Deref for AppState {
+    type Target = Services;
+
+    fn deref(&self) -> &Services {
+        &self.0
+    }
+}
+
+/// The services and settings behind [`AppState`].
+pub struct Services {
     /// The agent registry.
     pub registry: Arc<Registry>,
     /// The store, for readiness and pool metrics.
@@ -65,18 +80,20 @@ pub struct AppState {
 
 impl std::fmt::Debug for AppState {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("AppState")
-            .field("http", &self.http)
-            .finish_non_exhaustive()
+        self.0.fmt(f)
+    }
+}
+
+impl std::fmt::Debug for Services {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Services").field("http", &self.http).finish_non_exhaustive()
     }
 }
 
 /// The kernel's HTTP application.
 pub fn router(state: AppState) -> Router {
-    let api = routes::agents::router().route_layer(axum::middleware::from_fn_with_state(
-        state.clone(),
-        middleware::authenticate,
-    ));
+    let api = routes::agents::router()
+        .route_layer(axum::middleware::from_fn_with_state(state.clone(), middleware::authenticate));
     let timeout = Duration::from_millis(state.http.request_timeout_ms);
     let body_bytes_max = state.http.body_bytes_max;
     let router = Router::new()

@@ -12,7 +12,6 @@ use nops_core::auth::Action;
 use nops_core::tenant::TenantId;
 use tower::ServiceBuilder;
 use tower_http::catch_panic::CatchPanicLayer;
-use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer;
 use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::TraceLayer;
@@ -31,10 +30,7 @@ const SECURITY_HEADERS: &[(&str, &str)] = &[
     ("x-content-type-options", "nosniff"),
     ("x-frame-options", "DENY"),
     ("referrer-policy", "no-referrer"),
-    (
-        "content-security-policy",
-        "default-src 'none'; frame-ancestors 'none'",
-    ),
+    ("content-security-policy", "default-src 'none'; frame-ancestors 'none'"),
     ("cross-origin-opener-policy", "same-origin"),
     ("cross-origin-resource-policy", "same-origin"),
     ("permissions-policy", "()"),
@@ -42,19 +38,11 @@ const SECURITY_HEADERS: &[(&str, &str)] = &[
 ];
 
 /// Wraps `router` in the layer stack shared by every route (outermost first below).
-pub(crate) fn wrap(
-    router: axum::Router,
-    state: AppState,
-    timeout: Duration,
-    body_bytes_max: usize,
-) -> axum::Router {
+pub(crate) fn wrap(router: axum::Router, state: AppState, timeout: Duration, body_bytes_max: usize) -> axum::Router {
     router.layer(
         ServiceBuilder::new()
             .layer(SetSensitiveRequestHeadersLayer::new([header::AUTHORIZATION, header::COOKIE]))
-            .layer(from_fn(sanitize_request_id))
-            .layer(SetRequestIdLayer::new(REQUEST_ID_HEADER, MakeRequestUuid))
-            .layer(PropagateRequestIdLayer::new(REQUEST_ID_HEADER))
-            .layer(from_fn(security_headers))
+            .layer(from_fn(edge))
             .layer(
                 TraceLayer::new_for_http()
                     .make_span_with(|req: &Request| {
@@ -64,22 +52,51 @@ pub(crate) fn wrap(
                     })
                     .on_request(())
                     .on_response(|res: &Response, latency: Duration, _span: &tracing::Span| {
-                        tracing::debug!(status = res.status().as_u16(), latency_us = latency.as_micros() as u64, "response");
+                        tracing::debug!(
+                            status = res.status().as_u16(),
+                            latency_us = latency.as_micros() as u64,
+                            "response"
+                        );
                     })
                     .on_failure(()),
             )
-            .layer(from_fn(error_envelope))
-            .layer(CatchPanicLayer::custom(|_panic| ApiError::internal("handler panicked").into_response()))
             .layer(from_fn_with_state(state, track_metrics))
+            .layer(CatchPanicLayer::custom(|_panic| ApiError::internal("handler panicked").into_response()))
             .layer(TimeoutLayer::with_status_code(StatusCode::REQUEST_TIMEOUT, timeout))
             .layer(axum::extract::DefaultBodyLimit::max(body_bytes_max)),
     )
 }
 
-/// Sets the [`SECURITY_HEADERS`] on every response that does not already carry them.
-async fn security_headers(req: Request, next: Next) -> Response {
+/// The outermost middleware, in one layer because it runs on every request:
+/// - gives the request an id (a well-formed client id is kept for end-to-end tracing; a
+///   missing, overlong or odd one is replaced) and returns it in `x-request-id`;
+/// - writes the JSON error body (with the request id) for every error response and logs the
+///   error's detail once;
+/// - sets the [`SECURITY_HEADERS`] that a handler did not set.
+async fn edge(mut req: Request, next: Next) -> Response {
+    let client_id_ok = req.headers().get(&REQUEST_ID_HEADER).is_some_and(|v| {
+        !v.is_empty()
+            && v.len() <= REQUEST_ID_BYTES_MAX
+            && v.as_bytes().iter().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'))
+    });
+    if !client_id_ok {
+        let generated = uuid::Uuid::now_v7().hyphenated().to_string();
+        // A hyphenated UUID is always a valid header value.
+        if let Ok(value) = HeaderValue::from_str(&generated) {
+            req.headers_mut().insert(REQUEST_ID_HEADER, value);
+        }
+    }
+    let request_id = req.headers().get(&REQUEST_ID_HEADER).cloned();
     let mut response = next.run(req).await;
+    let status = response.status();
+    if status.is_client_error() || status.is_server_error() {
+        let id = request_id.as_ref().and_then(|v| v.to_str().ok()).unwrap_or_default();
+        write_error_body(&mut response, id);
+    }
     let headers = response.headers_mut();
+    if let Some(id) = request_id {
+        headers.insert(REQUEST_ID_HEADER, id);
+    }
     for (name, value) in SECURITY_HEADERS {
         let name = HeaderName::from_static(name);
         if !headers.contains_key(&name) {
@@ -89,35 +106,8 @@ async fn security_headers(req: Request, next: Next) -> Response {
     response
 }
 
-/// Drops a client-sent request id that is too long or has odd characters, so a fresh one is
-/// generated; a well-formed one is kept for end-to-end tracing.
-async fn sanitize_request_id(mut req: Request, next: Next) -> Response {
-    let ok = req.headers().get(&REQUEST_ID_HEADER).is_none_or(|v| {
-        v.len() <= REQUEST_ID_BYTES_MAX
-            && v.as_bytes()
-                .iter()
-                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'))
-    });
-    if !ok {
-        req.headers_mut().remove(&REQUEST_ID_HEADER);
-    }
-    next.run(req).await
-}
-
-/// Writes the JSON error body (with the request id) for every error response and logs the
-/// detail once.
-async fn error_envelope(req: Request, next: Next) -> Response {
-    let request_id = req
-        .headers()
-        .get(&REQUEST_ID_HEADER)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or_default()
-        .to_string();
-    let mut response = next.run(req).await;
-    let status = response.status();
-    if !(status.is_client_error() || status.is_server_error()) {
-        return response;
-    }
+/// Replaces the body of an error response with the JSON envelope.
+fn write_error_body(response: &mut Response, request_id: &str) {
     let error = match response.extensions_mut().remove::<ApiError>() {
         Some(error) => error,
         None => {
@@ -126,59 +116,46 @@ async fn error_envelope(req: Request, next: Next) -> Response {
                 .get(header::CONTENT_TYPE)
                 .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
             if is_json {
-                return response;
+                return;
             }
-            for_status(status)
+            for_status(response.status())
         }
     };
     if error.status.is_server_error() {
         tracing::error!(
+            request_id,
             code = error.code,
             detail = error.detail.as_deref().unwrap_or(""),
             "request failed"
         );
     } else {
-        tracing::debug!(code = error.code, "request rejected");
+        tracing::debug!(request_id, code = error.code, "request rejected");
     }
     let body = ErrorBody {
         error: ErrorDetail {
             code: error.code.to_string(),
             message: error.message.into_owned(),
-            request_id,
+            request_id: request_id.to_string(),
         },
     };
     let bytes = serde_json::to_vec(&body).unwrap_or_default();
     let headers = response.headers_mut();
-    headers.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
     headers.remove(header::CONTENT_LENGTH);
     *response.body_mut() = Body::from(bytes);
-    response
 }
 
 /// Counts requests by matched route, method and status, and observes their latency.
 async fn track_metrics(State(state): State<AppState>, req: Request, next: Next) -> Response {
-    let route = req
-        .extensions()
-        .get::<MatchedPath>()
-        .map_or("unmatched", |p| p.as_str())
-        .to_owned();
+    let route = req.extensions().get::<MatchedPath>().map_or("unmatched", |p| p.as_str()).to_owned();
     let method = method_label(req.method());
     let metrics = &state.metrics;
     metrics.http_requests_in_flight.inc();
     let started = Instant::now();
     let response = next.run(req).await;
     metrics.http_requests_in_flight.dec();
-    metrics
-        .http_request_duration_seconds
-        .with_label_values(&[&route, method])
-        .observe(started.elapsed().as_secs_f64());
-    metrics
-        .http_requests_total
-        .with_label_values(&[&route, method, response.status().as_str()])
-        .inc();
+    metrics.http_request_duration_seconds.with_label_values(&[&route, method]).observe(started.elapsed().as_secs_f64());
+    metrics.http_requests_total.with_label_values(&[&route, method, response.status().as_str()]).inc();
     response
 }
 
@@ -207,32 +184,17 @@ pub(crate) async fn authenticate(
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| {
-            v.strip_prefix("Bearer ")
-                .or_else(|| v.strip_prefix("bearer "))
-        })
+        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
         .map(str::trim);
     let Some(bearer) = bearer.filter(|b| !b.is_empty()) else {
-        state
-            .metrics
-            .auth_failures_total
-            .with_label_values(&["missing"])
-            .inc();
-        return Err(ApiError::unauthenticated(
-            "missing bearer credential (Authorization: Bearer <key>)",
-        ));
+        state.metrics.auth_failures_total.with_label_values(&["missing"]).inc();
+        return Err(ApiError::unauthenticated("missing bearer credential (Authorization: Bearer <key>)"));
     };
     let principal = match state.authenticator.authenticate(bearer).await {
         Ok(principal) => principal,
         Err(CoreError::Unauthenticated { reason }) => {
-            state
-                .metrics
-                .auth_failures_total
-                .with_label_values(&[reason])
-                .inc();
-            return Err(ApiError::unauthenticated(
-                "invalid, expired or revoked credential",
-            ));
+            state.metrics.auth_failures_total.with_label_values(&[reason]).inc();
+            return Err(ApiError::unauthenticated("invalid, expired or revoked credential"));
         }
         Err(other) => return Err(other.into()),
     };
@@ -241,21 +203,11 @@ pub(crate) async fn authenticate(
             .to_str()
             .ok()
             .and_then(|v| v.parse::<TenantId>().ok())
-            .ok_or_else(|| {
-                ApiError::bad_request("invalid_tenant", "X-Nops-Tenant must be a valid tenant id")
-            })?,
-        None => principal
-            .tenant
-            .clone()
-            .unwrap_or_else(TenantId::default_tenant),
+            .ok_or_else(|| ApiError::bad_request("invalid_tenant", "X-Nops-Tenant must be a valid tenant id"))?,
+        None => principal.tenant.clone().unwrap_or_else(TenantId::default_tenant),
     };
-    let action = if matches!(*req.method(), Method::GET | Method::HEAD) {
-        Action::Read
-    } else {
-        Action::Write
-    };
+    let action = if matches!(*req.method(), Method::GET | Method::HEAD) { Action::Read } else { Action::Write };
     state.authorizer.authorize(&principal, action, &tenant)?;
-    req.extensions_mut()
-        .insert(RequestContext { principal, tenant });
+    req.extensions_mut().insert(RequestContext { principal, tenant });
     Ok(next.run(req).await)
 }

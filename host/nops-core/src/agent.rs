@@ -53,9 +53,7 @@ impl FromStr for AgentId {
     type Err = CoreError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Uuid::try_parse(s)
-            .map(Self)
-            .map_err(|_| CoreError::invalid("invalid_id", "agent id must be a UUID"))
+        Uuid::try_parse(s).map(Self).map_err(|_| CoreError::invalid("invalid_id", "agent id must be a UUID"))
     }
 }
 
@@ -102,10 +100,7 @@ impl FromStr for AgentStatus {
             "healthy" => Ok(Self::Healthy),
             "stale" => Ok(Self::Stale),
             "zombie" => Ok(Self::Zombie),
-            _ => Err(CoreError::invalid(
-                "invalid_status",
-                "status must be one of healthy, stale, zombie",
-            )),
+            _ => Err(CoreError::invalid("invalid_status", "status must be one of healthy, stale, zombie")),
         }
     }
 }
@@ -132,18 +127,13 @@ impl Capability {
     pub fn validate(&self) -> CoreResult<()> {
         validate_capability_name(&self.name)?;
         if !self.params.is_object() {
-            return Err(CoreError::invalid(
-                "invalid_capability",
-                "capability params must be a JSON object",
-            ));
+            return Err(CoreError::invalid("invalid_capability", "capability params must be a JSON object"));
         }
         let params_bytes = serde_json::to_vec(&self.params).map_or(usize::MAX, |v| v.len());
         if params_bytes > CAPABILITY_PARAMS_BYTES_MAX {
             return Err(CoreError::invalid(
                 "invalid_capability",
-                format!(
-                    "capability params must serialize to at most {CAPABILITY_PARAMS_BYTES_MAX} bytes"
-                ),
+                format!("capability params must serialize to at most {CAPABILITY_PARAMS_BYTES_MAX} bytes"),
             ));
         }
         Ok(())
@@ -154,12 +144,9 @@ impl Capability {
 /// ASCII letters, digits, `-` and `_`.
 pub fn validate_capability_name(name: &str) -> CoreResult<()> {
     let segment_ok = |s: &str| {
-        !s.is_empty()
-            && s.chars()
-                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_')
+        !s.is_empty() && s.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_')
     };
-    if name.is_empty() || name.len() > CAPABILITY_NAME_BYTES_MAX || !name.split('.').all(segment_ok)
-    {
+    if name.is_empty() || name.len() > CAPABILITY_NAME_BYTES_MAX || !name.split('.').all(segment_ok) {
         return Err(CoreError::invalid(
             "invalid_capability",
             format!(
@@ -218,9 +205,7 @@ impl Load {
             return bad("error_count cannot exceed request_count".into());
         }
         if self.telemetry.len() > TELEMETRY_ENTRIES_MAX {
-            return bad(format!(
-                "telemetry has at most {TELEMETRY_ENTRIES_MAX} entries"
-            ));
+            return bad(format!("telemetry has at most {TELEMETRY_ENTRIES_MAX} entries"));
         }
         for (key, value) in &self.telemetry {
             if key.is_empty() || key.len() > TELEMETRY_KEY_BYTES_MAX || !value.is_finite() {
@@ -322,10 +307,7 @@ pub fn validate_definition(
     labels: &BTreeMap<String, String>,
     capabilities: &[Capability],
 ) -> CoreResult<()> {
-    if name.trim().is_empty()
-        || name.len() > AGENT_NAME_BYTES_MAX
-        || name.chars().any(char::is_control)
-    {
+    if name.trim().is_empty() || name.len() > AGENT_NAME_BYTES_MAX || name.chars().any(char::is_control) {
         return Err(CoreError::invalid(
             "invalid_name",
             format!("name must be 1 to {AGENT_NAME_BYTES_MAX} bytes without control characters"),
@@ -333,16 +315,12 @@ pub fn validate_definition(
     }
     if let Some(endpoint) = endpoint {
         let parsed = url::Url::parse(endpoint).ok().filter(|u| {
-            matches!(u.scheme(), "http" | "https")
-                && u.host().is_some()
-                && endpoint.len() <= ENDPOINT_BYTES_MAX
+            matches!(u.scheme(), "http" | "https") && u.host().is_some() && endpoint.len() <= ENDPOINT_BYTES_MAX
         });
         if parsed.is_none() {
             return Err(CoreError::invalid(
                 "invalid_endpoint",
-                format!(
-                    "endpoint must be an absolute http or https URL of at most {ENDPOINT_BYTES_MAX} bytes"
-                ),
+                format!("endpoint must be an absolute http or https URL of at most {ENDPOINT_BYTES_MAX} bytes"),
             ));
         }
     }
@@ -356,10 +334,7 @@ pub fn validate_definition(
     for (i, cap) in capabilities.iter().enumerate() {
         cap.validate()?;
         if capabilities[..i].iter().any(|c| c.name == cap.name) {
-            return Err(CoreError::invalid(
-                "invalid_capability",
-                format!("capability {} is listed twice", cap.name),
-            ));
+            return Err(CoreError::invalid("invalid_capability", format!("capability {} is listed twice", cap.name)));
         }
     }
     Ok(())
@@ -368,10 +343,7 @@ pub fn validate_definition(
 /// Checks label count and key/value sizes. Keys follow the capability-name alphabet plus `/`.
 pub fn validate_labels(labels: &BTreeMap<String, String>) -> CoreResult<()> {
     if labels.len() > LABELS_MAX {
-        return Err(CoreError::invalid(
-            "invalid_label",
-            format!("an agent has at most {LABELS_MAX} labels"),
-        ));
+        return Err(CoreError::invalid("invalid_label", format!("an agent has at most {LABELS_MAX} labels")));
     }
     for (key, value) in labels {
         validate_label(key, value)?;
@@ -383,23 +355,17 @@ pub fn validate_labels(labels: &BTreeMap<String, String>) -> CoreResult<()> {
 pub fn validate_label(key: &str, value: &str) -> CoreResult<()> {
     let key_ok = !key.is_empty()
         && key.len() <= LABEL_KEY_BYTES_MAX
-        && key
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '/'));
+        && key.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '/'));
     if !key_ok {
         return Err(CoreError::invalid(
             "invalid_label",
-            format!(
-                "label keys are 1 to {LABEL_KEY_BYTES_MAX} bytes of ASCII letters, digits, '-', '_', '.' or '/'"
-            ),
+            format!("label keys are 1 to {LABEL_KEY_BYTES_MAX} bytes of ASCII letters, digits, '-', '_', '.' or '/'"),
         ));
     }
     if value.len() > LABEL_VALUE_BYTES_MAX || value.chars().any(char::is_control) {
         return Err(CoreError::invalid(
             "invalid_label",
-            format!(
-                "label values are at most {LABEL_VALUE_BYTES_MAX} bytes without control characters"
-            ),
+            format!("label values are at most {LABEL_VALUE_BYTES_MAX} bytes without control characters"),
         ));
     }
     Ok(())
@@ -464,10 +430,7 @@ impl FromStr for AgentEventKind {
             "status_changed" => Self::StatusChanged,
             "expired" => Self::Expired,
             _ => {
-                return Err(CoreError::invalid(
-                    "invalid_event_kind",
-                    "unknown agent event kind",
-                ));
+                return Err(CoreError::invalid("invalid_event_kind", "unknown agent event kind"));
             }
         })
     }
@@ -494,11 +457,7 @@ mod tests {
     use serde_json::json;
 
     fn cap(name: &str, version: &str) -> Capability {
-        Capability {
-            name: name.into(),
-            version: version.parse().expect("version"),
-            params: json!({}),
-        }
+        Capability { name: name.into(), version: version.parse().expect("version"), params: json!({}) }
     }
 
     #[test]
@@ -516,10 +475,7 @@ mod tests {
         let labels = BTreeMap::new();
         assert!(validate_definition("a", Some("http://10.0.0.1:8080/x"), &labels, &[]).is_ok());
         for bad in ["ftp://x", "not a url", "http://", "/relative"] {
-            assert!(
-                validate_definition("a", Some(bad), &labels, &[]).is_err(),
-                "{bad}"
-            );
+            assert!(validate_definition("a", Some(bad), &labels, &[]).is_err(), "{bad}");
         }
         let dup = [cap("a.b", "1.0.0"), cap("a.b", "2.0.0")];
         assert!(validate_definition("a", None, &labels, &dup).is_err());
@@ -537,23 +493,10 @@ mod tests {
     fn load_ranges_are_checked() {
         assert!(Load::default().validate().is_ok());
         let bad = [
-            Load {
-                cpu_ratio: Some(f64::NAN),
-                ..Load::default()
-            },
-            Load {
-                cpu_ratio: Some(-1.0),
-                ..Load::default()
-            },
-            Load {
-                latency_ms: Some(f64::INFINITY),
-                ..Load::default()
-            },
-            Load {
-                error_count: 5,
-                request_count: 2,
-                ..Load::default()
-            },
+            Load { cpu_ratio: Some(f64::NAN), ..Load::default() },
+            Load { cpu_ratio: Some(-1.0), ..Load::default() },
+            Load { latency_ms: Some(f64::INFINITY), ..Load::default() },
+            Load { error_count: 5, request_count: 2, ..Load::default() },
         ];
         for load in bad {
             assert!(load.validate().is_err(), "{load:?}");

@@ -27,8 +27,7 @@ const API_KEY_RANDOM_CHARS: usize = 32;
 /// Length of the checksum, in base62 characters (a CRC-32 fits in 6).
 const API_KEY_CHECKSUM_CHARS: usize = 6;
 /// Total length of an API key.
-pub const API_KEY_CHARS: usize =
-    API_KEY_PREFIX.len() + API_KEY_RANDOM_CHARS + API_KEY_CHECKSUM_CHARS;
+pub const API_KEY_CHARS: usize = API_KEY_PREFIX.len() + API_KEY_RANDOM_CHARS + API_KEY_CHECKSUM_CHARS;
 /// Longest pepper accepted, in bytes (BLAKE2b's key size).
 pub const PEPPER_BYTES_MAX: usize = 64;
 
@@ -49,13 +48,10 @@ impl std::fmt::Debug for GeneratedKey {
 /// Generates a key `nops_<32 random base62><6 base62 CRC-32 of the random part>`.
 pub fn generate_api_key() -> GeneratedKey {
     let mut rng = rand::rng();
-    let random: String = (0..API_KEY_RANDOM_CHARS)
-        .map(|_| char::from(BASE62[rng.random_range(0..BASE62.len())]))
-        .collect();
+    let random: String =
+        (0..API_KEY_RANDOM_CHARS).map(|_| char::from(BASE62[rng.random_range(0..BASE62.len())])).collect();
     let checksum = base62_fixed(crc32fast::hash(random.as_bytes()), API_KEY_CHECKSUM_CHARS);
-    GeneratedKey {
-        secret: format!("{API_KEY_PREFIX}{random}{checksum}"),
-    }
+    GeneratedKey { secret: format!("{API_KEY_PREFIX}{random}{checksum}") }
 }
 
 fn base62_fixed(mut value: u32, width: usize) -> String {
@@ -73,9 +69,7 @@ pub fn is_well_formed_api_key(candidate: &str) -> bool {
     let Some(body) = candidate.strip_prefix(API_KEY_PREFIX) else {
         return false;
     };
-    if body.len() != API_KEY_RANDOM_CHARS + API_KEY_CHECKSUM_CHARS
-        || !body.bytes().all(|b| b.is_ascii_alphanumeric())
-    {
+    if body.len() != API_KEY_RANDOM_CHARS + API_KEY_CHECKSUM_CHARS || !body.bytes().all(|b| b.is_ascii_alphanumeric()) {
         return false;
     }
     let (random, checksum) = body.split_at(API_KEY_RANDOM_CHARS);
@@ -91,9 +85,7 @@ pub struct KeyHasher {
 
 impl std::fmt::Debug for KeyHasher {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("KeyHasher")
-            .field("peppered", &self.pepper.is_some())
-            .finish()
+        f.debug_struct("KeyHasher").field("peppered", &self.pepper.is_some()).finish()
     }
 }
 
@@ -105,9 +97,7 @@ impl KeyHasher {
                 "invalid_pepper",
                 format!("the API key pepper must be 1 to {PEPPER_BYTES_MAX} bytes"),
             )),
-            _ => Ok(Self {
-                pepper: pepper.map(Arc::from),
-            }),
+            _ => Ok(Self { pepper: pepper.map(Arc::from) }),
         }
     }
 
@@ -183,7 +173,7 @@ impl Role {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Principal {
     /// Stable id of the credential's subject (the key id for API keys).
-    pub subject: String,
+    pub subject: Arc<str>,
     /// The tenant the principal is bound to, or `None` for a kernel-wide operator.
     pub tenant: Option<TenantId>,
     /// The principal's role.
@@ -209,8 +199,7 @@ pub trait Authenticator: Send + Sync + 'static {
 /// Decides whether a principal may perform an action within a tenant.
 pub trait Authorizer: Send + Sync + 'static {
     /// `Ok(())` to allow, [`CoreError::Forbidden`] to deny.
-    fn authorize(&self, principal: &Principal, action: Action, tenant: &TenantId)
-    -> CoreResult<()>;
+    fn authorize(&self, principal: &Principal, action: Action, tenant: &TenantId) -> CoreResult<()>;
 }
 
 /// Most key records the authenticator caches; the cache is emptied when it is full.
@@ -219,44 +208,54 @@ const KEY_CACHE_ENTRIES_MAX: usize = 10_000;
 /// in the store stops working within this time.
 pub const KEY_CACHE_TTL_MS: i64 = 5_000;
 
+/// What the authenticator remembers of a key: enough to decide without the store.
+#[derive(Debug, Clone)]
+struct CachedKey {
+    principal: Principal,
+    expires_at_ms: Option<i64>,
+    revoked: bool,
+    cached_at_ms: i64,
+}
+
 /// Authenticates the kernel's API keys against the store, with a short-lived cache of key
 /// records so that a hot path (heartbeats) does not read the store on every request.
 pub struct ApiKeyAuthenticator {
     store: Arc<dyn Store>,
     hasher: KeyHasher,
     clock: Arc<dyn Clock>,
-    cache: dashmap::DashMap<[u8; 32], (ApiKeyRecord, i64)>,
+    cache: dashmap::DashMap<[u8; 32], CachedKey>,
 }
 
 impl ApiKeyAuthenticator {
     /// An authenticator over `store`.
     pub fn new(store: Arc<dyn Store>, hasher: KeyHasher, clock: Arc<dyn Clock>) -> Self {
-        Self {
-            store,
-            hasher,
-            clock,
-            cache: dashmap::DashMap::new(),
-        }
+        Self { store, hasher, clock, cache: dashmap::DashMap::new() }
     }
 
-    async fn record(&self, hash: [u8; 32], now_ms: i64) -> CoreResult<Option<ApiKeyRecord>> {
+    async fn lookup(&self, hash: [u8; 32], now_ms: i64) -> CoreResult<Option<CachedKey>> {
         if let Some(cached) = self.cache.get(&hash)
-            && now_ms - cached.1 < KEY_CACHE_TTL_MS
+            && now_ms - cached.cached_at_ms < KEY_CACHE_TTL_MS
         {
-            return Ok(Some(cached.0.clone()));
+            return Ok(Some(cached.clone()));
         }
-        let record = self
-            .store
-            .find_api_key(&hash)
-            .await?
-            .filter(|r| hashes_equal(&r.hash, &hash));
-        if let Some(record) = &record {
-            if self.cache.len() >= KEY_CACHE_ENTRIES_MAX {
-                self.cache.clear();
-            }
-            self.cache.insert(hash, (record.clone(), now_ms));
+        let Some(record) = self.store.find_api_key(&hash).await?.filter(|r| hashes_equal(&r.hash, &hash)) else {
+            return Ok(None);
+        };
+        let cached = CachedKey {
+            principal: Principal {
+                subject: Arc::from(record.id.to_string()),
+                tenant: record.tenant,
+                role: record.role,
+            },
+            expires_at_ms: record.expires_at_ms,
+            revoked: record.revoked_at_ms.is_some(),
+            cached_at_ms: now_ms,
+        };
+        if self.cache.len() >= KEY_CACHE_ENTRIES_MAX {
+            self.cache.clear();
         }
-        Ok(record)
+        self.cache.insert(hash, cached.clone());
+        Ok(Some(cached))
     }
 }
 
@@ -264,29 +263,18 @@ impl ApiKeyAuthenticator {
 impl Authenticator for ApiKeyAuthenticator {
     async fn authenticate(&self, bearer: &str) -> CoreResult<Principal> {
         if !is_well_formed_api_key(bearer) {
-            return Err(CoreError::Unauthenticated {
-                reason: "malformed",
-            });
+            return Err(CoreError::Unauthenticated { reason: "malformed" });
         }
         let hash = self.hasher.hash(bearer);
         let now_ms = self.clock.now_ms();
-        let record = self
-            .record(hash, now_ms)
-            .await?
-            .ok_or(CoreError::Unauthenticated {
-                reason: "unknown_key",
-            })?;
-        if record.revoked_at_ms.is_some() {
+        let key = self.lookup(hash, now_ms).await?.ok_or(CoreError::Unauthenticated { reason: "unknown_key" })?;
+        if key.revoked {
             return Err(CoreError::Unauthenticated { reason: "revoked" });
         }
-        if record.expires_at_ms.is_some_and(|exp| exp <= now_ms) {
+        if key.expires_at_ms.is_some_and(|exp| exp <= now_ms) {
             return Err(CoreError::Unauthenticated { reason: "expired" });
         }
-        Ok(Principal {
-            subject: record.id.to_string(),
-            tenant: record.tenant,
-            role: record.role,
-        })
+        Ok(key.principal)
     }
 }
 
@@ -296,12 +284,7 @@ impl Authenticator for ApiKeyAuthenticator {
 pub struct RoleAuthorizer;
 
 impl Authorizer for RoleAuthorizer {
-    fn authorize(
-        &self,
-        principal: &Principal,
-        _action: Action,
-        tenant: &TenantId,
-    ) -> CoreResult<()> {
+    fn authorize(&self, principal: &Principal, _action: Action, tenant: &TenantId) -> CoreResult<()> {
         match &principal.tenant {
             Some(bound) if bound != tenant => Err(CoreError::Forbidden),
             _ => match principal.role {
@@ -377,29 +360,10 @@ mod tests {
     fn tenant_bound_principals_stay_in_their_tenant() {
         let acme: TenantId = "acme".parse().expect("tenant");
         let other: TenantId = "other".parse().expect("tenant");
-        let bound = Principal {
-            subject: "k".into(),
-            tenant: Some(acme.clone()),
-            role: Role::Admin,
-        };
-        let global = Principal {
-            tenant: None,
-            ..bound.clone()
-        };
-        assert!(
-            RoleAuthorizer
-                .authorize(&bound, Action::Read, &acme)
-                .is_ok()
-        );
-        assert!(
-            RoleAuthorizer
-                .authorize(&bound, Action::Write, &other)
-                .is_err()
-        );
-        assert!(
-            RoleAuthorizer
-                .authorize(&global, Action::Write, &other)
-                .is_ok()
-        );
+        let bound = Principal { subject: "k".into(), tenant: Some(acme.clone()), role: Role::Admin };
+        let global = Principal { tenant: None, ..bound.clone() };
+        assert!(RoleAuthorizer.authorize(&bound, Action::Read, &acme).is_ok());
+        assert!(RoleAuthorizer.authorize(&bound, Action::Write, &other).is_err());
+        assert!(RoleAuthorizer.authorize(&global, Action::Write, &other).is_ok());
     }
 }

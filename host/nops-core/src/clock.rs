@@ -16,9 +16,7 @@ pub struct SystemClock;
 
 impl Clock for SystemClock {
     fn now_ms(&self) -> i64 {
-        SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
     }
 }
 
@@ -31,9 +29,7 @@ pub struct ManualClock {
 impl ManualClock {
     /// A clock stopped at `start_ms`.
     pub fn new(start_ms: i64) -> Self {
-        Self {
-            now_ms: Arc::new(AtomicI64::new(start_ms)),
-        }
+        Self { now_ms: Arc::new(AtomicI64::new(start_ms)) }
     }
 
     /// Moves the clock forward by `delta_ms`.

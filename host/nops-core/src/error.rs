@@ -51,10 +51,7 @@ pub enum CoreError {
 impl CoreError {
     /// An [`CoreError::Invalid`] with the given code and message.
     pub fn invalid(code: &'static str, message: impl Into<Cow<'static, str>>) -> Self {
-        Self::Invalid {
-            code,
-            message: message.into(),
-        }
+        Self::Invalid { code, message: message.into() }
     }
 }
 

@@ -1,8 +1,7 @@
 //! The kernel's Prometheus metrics, registered once and shared by every layer.
 
 use prometheus::{
-    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry,
+    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
 };
 
 /// Every metric the kernel exports, in one Prometheus registry.
@@ -47,10 +46,8 @@ impl std::fmt::Debug for Metrics {
 }
 
 /// Latency buckets for HTTP and store calls, in seconds (50 µs to 10 s).
-const LATENCY_BUCKETS_SECONDS: &[f64] = &[
-    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
-    2.5, 10.0,
-];
+const LATENCY_BUCKETS_SECONDS: &[f64] =
+    &[0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0];
 
 impl Metrics {
     /// Creates and registers every metric under the `nops_` prefix.
@@ -58,9 +55,7 @@ impl Metrics {
         let registry = Registry::new_custom(Some("nops".into()), None)
             .unwrap_or_else(|_| unreachable!("a static prefix is a valid registry"));
         let reg = |c: Box<dyn prometheus::core::Collector>| {
-            registry
-                .register(c)
-                .unwrap_or_else(|e| unreachable!("metric names are static and unique: {e}"));
+            registry.register(c).unwrap_or_else(|e| unreachable!("metric names are static and unique: {e}"));
         };
         // Metric definitions are static; construction fails only on a programming error.
         let counter_vec = |name: &str, help: &str, labels: &[&str]| {
@@ -70,41 +65,30 @@ impl Metrics {
             m
         };
         let counter = |name: &str, help: &str| {
-            let m = IntCounter::new(name, help)
-                .unwrap_or_else(|e| unreachable!("static metric {name}: {e}"));
+            let m = IntCounter::new(name, help).unwrap_or_else(|e| unreachable!("static metric {name}: {e}"));
             reg(Box::new(m.clone()));
             m
         };
         let gauge = |name: &str, help: &str| {
-            let m = IntGauge::new(name, help)
-                .unwrap_or_else(|e| unreachable!("static metric {name}: {e}"));
+            let m = IntGauge::new(name, help).unwrap_or_else(|e| unreachable!("static metric {name}: {e}"));
             reg(Box::new(m.clone()));
             m
         };
         let http_request_duration_seconds = HistogramVec::new(
-            HistogramOpts::new(
-                "http_request_duration_seconds",
-                "HTTP request latency in seconds",
-            )
-            .buckets(LATENCY_BUCKETS_SECONDS.to_vec()),
+            HistogramOpts::new("http_request_duration_seconds", "HTTP request latency in seconds")
+                .buckets(LATENCY_BUCKETS_SECONDS.to_vec()),
             &["route", "method"],
         )
         .unwrap_or_else(|e| unreachable!("static metric: {e}"));
         reg(Box::new(http_request_duration_seconds.clone()));
         let heartbeat_flush_duration_seconds = Histogram::with_opts(
-            HistogramOpts::new(
-                "heartbeat_flush_duration_seconds",
-                "Duration of one heartbeat flush in seconds",
-            )
-            .buckets(LATENCY_BUCKETS_SECONDS.to_vec()),
+            HistogramOpts::new("heartbeat_flush_duration_seconds", "Duration of one heartbeat flush in seconds")
+                .buckets(LATENCY_BUCKETS_SECONDS.to_vec()),
         )
         .unwrap_or_else(|e| unreachable!("static metric: {e}"));
         reg(Box::new(heartbeat_flush_duration_seconds.clone()));
-        let agents = IntGaugeVec::new(
-            Opts::new("agents", "Agents by lifecycle status"),
-            &["status"],
-        )
-        .unwrap_or_else(|e| unreachable!("static metric: {e}"));
+        let agents = IntGaugeVec::new(Opts::new("agents", "Agents by lifecycle status"), &["status"])
+            .unwrap_or_else(|e| unreachable!("static metric: {e}"));
         reg(Box::new(agents.clone()));
         Self {
             http_requests_total: counter_vec(
@@ -116,19 +100,13 @@ impl Metrics {
             http_requests_in_flight: gauge("http_requests_in_flight", "HTTP requests being served"),
             agents,
             heartbeats_total: counter("heartbeats_total", "Heartbeats accepted"),
-            heartbeats_flushed_total: counter(
-                "heartbeats_flushed_total",
-                "Heartbeat states written to the store",
-            ),
+            heartbeats_flushed_total: counter("heartbeats_flushed_total", "Heartbeat states written to the store"),
             heartbeat_flush_errors_total: counter(
                 "heartbeat_flush_errors_total",
                 "Heartbeat flushes that failed and will be retried",
             ),
             heartbeat_flush_duration_seconds,
-            heartbeats_pending: gauge(
-                "heartbeats_pending",
-                "Heartbeat states waiting to be flushed",
-            ),
+            heartbeats_pending: gauge("heartbeats_pending", "Heartbeat states waiting to be flushed"),
             agent_transitions_total: counter_vec(
                 "agent_transitions_total",
                 "Agent lifecycle transitions by target status",
@@ -136,15 +114,8 @@ impl Metrics {
             ),
             store_pool_connections: gauge("store_pool_connections", "Open store connections"),
             store_pool_idle: gauge("store_pool_idle_connections", "Idle store connections"),
-            store_pool_max: gauge(
-                "store_pool_max_connections",
-                "Configured maximum of store connections",
-            ),
-            auth_failures_total: counter_vec(
-                "auth_failures_total",
-                "Authentication failures by reason",
-                &["reason"],
-            ),
+            store_pool_max: gauge("store_pool_max_connections", "Configured maximum of store connections"),
+            auth_failures_total: counter_vec("auth_failures_total", "Authentication failures by reason", &["reason"]),
             registry,
         }
     }

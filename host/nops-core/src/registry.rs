@@ -26,8 +26,7 @@ use serde::Serialize;
 use tokio::sync::watch;
 
 use crate::agent::{
-    Agent, AgentEvent, AgentEventKind, AgentId, AgentPatch, AgentStatus, Load, NewAgent,
-    validate_definition,
+    Agent, AgentEvent, AgentEventKind, AgentId, AgentPatch, AgentStatus, Load, NewAgent, validate_definition,
 };
 use crate::clock::Clock;
 use crate::metrics::Metrics;
@@ -48,11 +47,7 @@ pub struct TtlConfig {
 
 impl Default for TtlConfig {
     fn default() -> Self {
-        Self {
-            stale_after_ms: 30_000,
-            zombie_after_ms: 120_000,
-            remove_after_ms: 600_000,
-        }
+        Self { stale_after_ms: 30_000, zombie_after_ms: 120_000, remove_after_ms: 600_000 }
     }
 }
 
@@ -115,8 +110,8 @@ impl Default for RegistryConfig {
     }
 }
 
-/// Rows fetched per round when a listing filters by version in memory.
-const VERSION_SCAN_CHUNK_ROWS: u32 = 1_000;
+/// Most rows fetched per round when a listing filters by version in memory.
+const VERSION_SCAN_CHUNK_ROWS: u32 = 2_000;
 /// Most rows one listing scans when filtering by version, so a query cannot scan forever.
 const VERSION_SCAN_ROWS_MAX: u32 = 200_000;
 
@@ -210,9 +205,7 @@ pub struct Registry {
 
 impl std::fmt::Debug for Registry {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Registry")
-            .field("agents", &self.live.len())
-            .finish()
+        f.debug_struct("Registry").field("agents", &self.live.len()).finish()
     }
 }
 
@@ -263,19 +256,10 @@ impl Registry {
 
     /// Registers an agent in `tenant`.
     pub async fn create(&self, tenant: &TenantId, new: NewAgent) -> CoreResult<Agent> {
-        validate_definition(
-            &new.name,
-            new.endpoint.as_deref(),
-            &new.labels,
-            &new.capabilities,
-        )?;
+        validate_definition(&new.name, new.endpoint.as_deref(), &new.labels, &new.capabilities)?;
         if self.live.len() >= self.config.agents_max {
             return Err(CoreError::LimitExceeded {
-                message: format!(
-                    "the kernel holds at most {} agents (agents_max)",
-                    self.config.agents_max
-                )
-                .into(),
+                message: format!("the kernel holds at most {} agents (agents_max)", self.config.agents_max).into(),
             });
         }
         let now_ms = self.clock.now_ms();
@@ -294,10 +278,7 @@ impl Registry {
             revision: 1,
         };
         let event = AgentEvent::new(&agent, AgentEventKind::Registered, now_ms);
-        self.store
-            .insert_agent(&agent, &event)
-            .await
-            .map_err(name_conflict)?;
+        self.store.insert_agent(&agent, &event).await.map_err(name_conflict)?;
         self.live.insert(
             agent.id,
             LiveEntry {
@@ -314,22 +295,13 @@ impl Registry {
 
     /// The agent `id` in `tenant`, with its latest heartbeat.
     pub async fn get(&self, tenant: &TenantId, id: AgentId) -> CoreResult<Agent> {
-        let mut agent = self
-            .store
-            .get_agent(tenant, id)
-            .await?
-            .ok_or(CoreError::NotFound { what: "agent" })?;
+        let mut agent = self.store.get_agent(tenant, id).await?.ok_or(CoreError::NotFound { what: "agent" })?;
         self.overlay(&mut agent);
         Ok(agent)
     }
 
     /// Applies `patch` to the agent `id` in `tenant`.
-    pub async fn update(
-        &self,
-        tenant: &TenantId,
-        id: AgentId,
-        patch: AgentPatch,
-    ) -> CoreResult<Agent> {
+    pub async fn update(&self, tenant: &TenantId, id: AgentId, patch: AgentPatch) -> CoreResult<Agent> {
         let current = self.get(tenant, id).await?;
         if let Some(expected) = patch.revision
             && expected != current.revision
@@ -349,21 +321,12 @@ impl Registry {
         if let Some(capabilities) = patch.capabilities {
             next.capabilities = capabilities;
         }
-        validate_definition(
-            &next.name,
-            next.endpoint.as_deref(),
-            &next.labels,
-            &next.capabilities,
-        )?;
+        validate_definition(&next.name, next.endpoint.as_deref(), &next.labels, &next.capabilities)?;
         let now_ms = self.clock.now_ms();
         next.updated_at_ms = now_ms;
         next.revision = current.revision + 1;
         let event = AgentEvent::new(&next, AgentEventKind::Updated, now_ms);
-        let updated = self
-            .store
-            .update_agent(&next, current.revision, &event)
-            .await
-            .map_err(name_conflict)?;
+        let updated = self.store.update_agent(&next, current.revision, &event).await.map_err(name_conflict)?;
         if !updated {
             // Deleted or changed by someone else between our read and write.
             return match self.store.get_agent(tenant, id).await? {
@@ -377,10 +340,7 @@ impl Registry {
     /// Deletes the agent `id` in `tenant`.
     pub async fn delete(&self, tenant: &TenantId, id: AgentId) -> CoreResult<()> {
         let now_ms = self.clock.now_ms();
-        let status = self
-            .live
-            .get(&id)
-            .map_or(AgentStatus::Healthy, |e| e.status);
+        let status = self.live.get(&id).map_or(AgentStatus::Healthy, |e| e.status);
         let event = AgentEvent {
             seq: 0,
             tenant: tenant.clone(),
@@ -393,15 +353,8 @@ impl Registry {
         if !self.store.delete_agent(tenant, id, &event).await? {
             return Err(CoreError::NotFound { what: "agent" });
         }
-        if self
-            .live
-            .remove_if(&id, |_, e| &e.tenant == tenant)
-            .is_some()
-        {
-            self.metrics
-                .agents
-                .with_label_values(&[status.as_str()])
-                .dec();
+        if self.live.remove_if(&id, |_, e| &e.tenant == tenant).is_some() {
+            self.metrics.agents.with_label_values(&[status.as_str()]).dec();
         }
         Ok(())
     }
@@ -412,103 +365,75 @@ impl Registry {
         let Some(version) = &query.version else {
             let mut items = self.store.list_agents(&query.filter, limit).await?;
             items.iter_mut().for_each(|a| self.overlay(a));
-            let next_after = (items.len() == limit as usize)
-                .then(|| items.last().map(|a| a.id))
-                .flatten();
+            let next_after = (items.len() == limit as usize).then(|| items.last().map(|a| a.id)).flatten();
             return Ok(AgentPage { items, next_after });
         };
-        let capability = query.filter.capability.clone().ok_or_else(|| {
-            CoreError::invalid(
-                "invalid_query",
-                "a version requirement needs a capability to apply to",
-            )
-        })?;
+        if query.filter.capability.is_none() {
+            return Err(CoreError::invalid("invalid_query", "a version requirement needs a capability to apply to"));
+        }
         // Versions are compared with semver rules, which SQL cannot do: scan the capability's
-        // agents in id order and keep those that match, up to a bounded number of rows.
+        // (id, version) rows in id order, keep the ids that match, then fetch those agents.
         let mut filter = query.filter.clone();
-        let mut items = Vec::with_capacity(limit as usize);
+        let mut ids = Vec::with_capacity(limit as usize);
         let mut scanned_rows = 0u32;
-        loop {
-            let chunk = self
-                .store
-                .list_agents(&filter, VERSION_SCAN_CHUNK_ROWS)
-                .await?;
+        // Start small (most requirements match a good share of versions) and grow.
+        let mut chunk_rows = (limit * 2).clamp(64, VERSION_SCAN_CHUNK_ROWS);
+        let next_after = loop {
+            let chunk = self.store.list_capability_versions(&filter, chunk_rows).await?;
             let chunk_len = chunk.len();
             scanned_rows += chunk_len as u32;
-            let mut last_seen = None;
-            for mut agent in chunk {
-                last_seen = Some(agent.id);
-                let matches = agent
-                    .capabilities
-                    .iter()
-                    .any(|c| c.name == capability && version.matches(&c.version));
-                if matches {
-                    self.overlay(&mut agent);
-                    items.push(agent);
-                    if items.len() == limit as usize {
-                        let next_after = items.last().map(|a| a.id);
-                        return Ok(AgentPage { items, next_after });
+            let mut last_scanned = None;
+            for (id, raw) in chunk {
+                last_scanned = Some(id);
+                // A version the store cannot parse never matches (it was validated on write).
+                if raw.parse::<semver::Version>().is_ok_and(|v| version.matches(&v)) {
+                    ids.push(id);
+                    if ids.len() == limit as usize {
+                        break;
                     }
                 }
             }
-            if chunk_len < VERSION_SCAN_CHUNK_ROWS as usize {
-                return Ok(AgentPage {
-                    items,
-                    next_after: None,
-                });
+            if ids.len() == limit as usize {
+                break ids.last().copied();
+            }
+            if chunk_len < chunk_rows as usize {
+                break None;
             }
             if scanned_rows >= VERSION_SCAN_ROWS_MAX {
                 // Return what was found; the cursor resumes the scan where it stopped.
-                return Ok(AgentPage {
-                    items,
-                    next_after: last_seen,
-                });
+                break last_scanned;
             }
-            filter.after = last_seen;
-        }
+            filter.after = last_scanned;
+            chunk_rows = (chunk_rows * 4).min(VERSION_SCAN_CHUNK_ROWS);
+        };
+        let tenant = query.filter.tenant.clone().unwrap_or_else(TenantId::default_tenant);
+        let mut items = self.store.get_agents(&tenant, &ids).await?;
+        items.iter_mut().for_each(|a| self.overlay(a));
+        Ok(AgentPage { items, next_after })
     }
 
     /// Records a heartbeat from agent `id` of `tenant`.
-    pub async fn heartbeat(
-        &self,
-        tenant: &TenantId,
-        id: AgentId,
-        load: Load,
-    ) -> CoreResult<HeartbeatAck> {
+    pub async fn heartbeat(&self, tenant: &TenantId, id: AgentId, load: Load) -> CoreResult<HeartbeatAck> {
         load.validate()?;
         let now_ms = self.clock.now_ms();
         if !self.live.contains_key(&id) {
             // Registered by another kernel on the same database, or not at all.
-            let seed = self
-                .store
-                .get_live_seed(id)
-                .await?
-                .ok_or(CoreError::NotFound { what: "agent" })?;
+            let seed = self.store.get_live_seed(id).await?.ok_or(CoreError::NotFound { what: "agent" })?;
             if &seed.tenant != tenant {
                 return Err(CoreError::NotFound { what: "agent" });
             }
             if self.live.len() >= self.config.agents_max {
                 return Err(CoreError::LimitExceeded {
-                    message: format!(
-                        "the kernel holds at most {} agents (agents_max)",
-                        self.config.agents_max
-                    )
-                    .into(),
+                    message: format!("the kernel holds at most {} agents (agents_max)", self.config.agents_max).into(),
                 });
             }
             let status = seed.status;
             if self.live.insert(id, LiveEntry::from_seed(seed)).is_none() {
-                self.metrics
-                    .agents
-                    .with_label_values(&[status.as_str()])
-                    .inc();
+                self.metrics.agents.with_label_values(&[status.as_str()]).inc();
             }
         }
         let needs_revive = {
-            let mut entry = self
-                .live
-                .get_mut(&id)
-                .ok_or(CoreError::NotFound { what: "agent" })?;
+            let mut entry = self.live.get_mut(&id).ok_or(CoreError::NotFound { what: "agent" })?;
             if &entry.tenant != tenant {
                 return Err(CoreError::NotFound { what: "agent" });
             }
@@ -555,9 +480,7 @@ impl Registry {
             last_seen_at_or_before_ms: i64::MAX,
             remove: false,
         };
-        self.store
-            .apply_status_changes(std::slice::from_ref(&change))
-            .await?;
+        self.store.apply_status_changes(std::slice::from_ref(&change)).await?;
         if let Some(mut entry) = self.live.get_mut(&id) {
             entry.status = AgentStatus::Healthy;
         }
@@ -579,18 +502,11 @@ impl Registry {
             {
                 entry.dirty = false;
                 if let Some((at_ms, load)) = &entry.heartbeat {
-                    records.push(HeartbeatRecord {
-                        id,
-                        at_ms: *at_ms,
-                        load: load.clone(),
-                        status: entry.status,
-                    });
+                    records.push(HeartbeatRecord { id, at_ms: *at_ms, load: load.clone(), status: entry.status });
                 }
             }
         }
-        self.metrics
-            .heartbeats_pending
-            .set(lock(&self.pending).len() as i64);
+        self.metrics.heartbeats_pending.set(lock(&self.pending).len() as i64);
         let mut written = 0;
         let batch_max = self.config.heartbeat_flush_batch_max.max(1);
         for (i, batch) in records.chunks(batch_max).enumerate() {
@@ -605,23 +521,16 @@ impl Registry {
                     }
                 }
                 self.metrics.heartbeat_flush_errors_total.inc();
-                self.metrics
-                    .heartbeats_pending
-                    .set(lock(&self.pending).len() as i64);
+                self.metrics.heartbeats_pending.set(lock(&self.pending).len() as i64);
                 *lock(&self.last_error) = Some(format!("heartbeat flush: {err}"));
                 return Err(err.into());
             }
             written += batch.len();
         }
         self.metrics.heartbeats_flushed_total.inc_by(written as u64);
-        self.metrics
-            .heartbeats_pending
-            .set(lock(&self.pending).len() as i64);
-        self.metrics
-            .heartbeat_flush_duration_seconds
-            .observe(started.elapsed().as_secs_f64());
-        self.last_flush_at_ms
-            .store(self.clock.now_ms(), Ordering::Relaxed);
+        self.metrics.heartbeats_pending.set(lock(&self.pending).len() as i64);
+        self.metrics.heartbeat_flush_duration_seconds.observe(started.elapsed().as_secs_f64());
+        self.last_flush_at_ms.store(self.clock.now_ms(), Ordering::Relaxed);
         *lock(&self.last_error) = None;
         Ok(written)
     }
@@ -648,11 +557,7 @@ impl Registry {
                         seq: 0,
                         tenant: entry.tenant.clone(),
                         agent_id: *entry.key(),
-                        kind: if target.is_none() {
-                            AgentEventKind::Expired
-                        } else {
-                            AgentEventKind::StatusChanged
-                        },
+                        kind: if target.is_none() { AgentEventKind::Expired } else { AgentEventKind::StatusChanged },
                         from_status: Some(entry.status),
                         to_status: target,
                         at_ms: now_ms,
@@ -728,10 +633,7 @@ impl Registry {
         limit: u32,
     ) -> CoreResult<Vec<AgentEvent>> {
         let limit = limit.clamp(1, self.config.list_limit_max);
-        Ok(self
-            .store
-            .list_agent_events(tenant, agent, after_seq, limit)
-            .await?)
+        Ok(self.store.list_agent_events(tenant, agent, after_seq, limit).await?)
     }
 
     /// State of the background work.
@@ -752,21 +654,16 @@ impl Registry {
             counts[rank(entry.status)] += 1;
         }
         for status in AgentStatus::ALL {
-            self.metrics
-                .agents
-                .with_label_values(&[status.as_str()])
-                .set(counts[rank(status)]);
+            self.metrics.agents.with_label_values(&[status.as_str()]).set(counts[rank(status)]);
         }
     }
 
     /// Runs the heartbeat flusher and the TTL sweeper until `shutdown` changes, then flushes
     /// one last time.
     pub async fn run_background(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
-        let mut flush_tick = tokio::time::interval(Duration::from_millis(
-            self.config.heartbeat_flush_interval_ms.max(1),
-        ));
-        let mut sweep_tick =
-            tokio::time::interval(Duration::from_millis(self.config.sweep_interval_ms.max(1)));
+        let mut flush_tick =
+            tokio::time::interval(Duration::from_millis(self.config.heartbeat_flush_interval_ms.max(1)));
+        let mut sweep_tick = tokio::time::interval(Duration::from_millis(self.config.sweep_interval_ms.max(1)));
         flush_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         sweep_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -801,9 +698,7 @@ impl Registry {
         if let Some(entry) = self.live.get(&agent.id) {
             agent.status = entry.status;
             if let Some((at_ms, load)) = &entry.heartbeat
-                && agent
-                    .last_heartbeat_at_ms
-                    .is_none_or(|stored| stored <= *at_ms)
+                && agent.last_heartbeat_at_ms.is_none_or(|stored| stored <= *at_ms)
             {
                 agent.last_heartbeat_at_ms = Some(*at_ms);
                 agent.load = Some(load.clone());
@@ -812,10 +707,7 @@ impl Registry {
     }
 
     fn count_transition(&self, to: Option<AgentStatus>) {
-        self.metrics
-            .agent_transitions_total
-            .with_label_values(&[to.map_or("removed", AgentStatus::as_str)])
-            .inc();
+        self.metrics.agent_transitions_total.with_label_values(&[to.map_or("removed", AgentStatus::as_str)]).inc();
     }
 }
 
@@ -841,8 +733,7 @@ fn name_conflict(err: StoreError) -> CoreError {
 fn revision_conflict(current: i64) -> CoreError {
     CoreError::Conflict {
         code: "revision_mismatch",
-        message: format!("the agent was changed concurrently; its current revision is {current}")
-            .into(),
+        message: format!("the agent was changed concurrently; its current revision is {current}").into(),
     }
 }
 
@@ -852,11 +743,7 @@ mod tests {
 
     #[test]
     fn ttl_thresholds_map_silence_to_status() {
-        let ttl = TtlConfig {
-            stale_after_ms: 10,
-            zombie_after_ms: 20,
-            remove_after_ms: 30,
-        };
+        let ttl = TtlConfig { stale_after_ms: 10, zombie_after_ms: 20, remove_after_ms: 30 };
         assert_eq!(ttl.status_for(0), Some(AgentStatus::Healthy));
         assert_eq!(ttl.status_for(9), Some(AgentStatus::Healthy));
         assert_eq!(ttl.status_for(10), Some(AgentStatus::Stale));
@@ -868,21 +755,9 @@ mod tests {
     fn ttl_thresholds_must_increase() {
         assert!(TtlConfig::default().validate().is_ok());
         let bad = [
-            TtlConfig {
-                stale_after_ms: 0,
-                zombie_after_ms: 20,
-                remove_after_ms: 30,
-            },
-            TtlConfig {
-                stale_after_ms: 20,
-                zombie_after_ms: 20,
-                remove_after_ms: 30,
-            },
-            TtlConfig {
-                stale_after_ms: 10,
-                zombie_after_ms: 40,
-                remove_after_ms: 30,
-            },
+            TtlConfig { stale_after_ms: 0, zombie_after_ms: 20, remove_after_ms: 30 },
+            TtlConfig { stale_after_ms: 20, zombie_after_ms: 20, remove_after_ms: 30 },
+            TtlConfig { stale_after_ms: 10, zombie_after_ms: 40, remove_after_ms: 30 },
         ];
         for ttl in bad {
             assert!(ttl.validate().is_err(), "{ttl:?}");

@@ -103,29 +103,26 @@ pub trait AgentStore: Send + Sync + 'static {
     async fn load_live_seeds(&self) -> Result<Vec<AgentLiveSeed>, StoreError>;
     /// Replaces an agent's definition if its stored revision is `expected_revision`; records
     /// the event in the same transaction. Returns false when nothing matched.
-    async fn update_agent(
-        &self,
-        agent: &Agent,
-        expected_revision: i64,
-        event: &AgentEvent,
-    ) -> Result<bool, StoreError>;
+    async fn update_agent(&self, agent: &Agent, expected_revision: i64, event: &AgentEvent)
+    -> Result<bool, StoreError>;
     /// Deletes an agent and records the event in one transaction. Returns false if absent.
-    async fn delete_agent(
-        &self,
-        tenant: &TenantId,
-        id: AgentId,
-        event: &AgentEvent,
-    ) -> Result<bool, StoreError>;
+    async fn delete_agent(&self, tenant: &TenantId, id: AgentId, event: &AgentEvent) -> Result<bool, StoreError>;
     /// Agents matching `filter`, ordered by id, at most `limit`.
-    async fn list_agents(&self, filter: &AgentFilter, limit: u32)
-    -> Result<Vec<Agent>, StoreError>;
+    async fn list_agents(&self, filter: &AgentFilter, limit: u32) -> Result<Vec<Agent>, StoreError>;
+    /// Ids and versions of the capability named in `filter.capability` (required) of the
+    /// agents matching the other filters, ordered by agent id, at most `limit`. A light scan
+    /// for semver filtering, which SQL cannot do.
+    async fn list_capability_versions(
+        &self,
+        filter: &AgentFilter,
+        limit: u32,
+    ) -> Result<Vec<(AgentId, String)>, StoreError>;
+    /// The agents of `tenant` with these ids, ordered by id.
+    async fn get_agents(&self, tenant: &TenantId, ids: &[AgentId]) -> Result<Vec<Agent>, StoreError>;
     /// Writes the latest heartbeat of many agents in one transaction; returns rows written.
     async fn write_heartbeats(&self, batch: &[HeartbeatRecord]) -> Result<u64, StoreError>;
     /// Applies lifecycle changes with their events in one transaction; returns those applied.
-    async fn apply_status_changes(
-        &self,
-        changes: &[StatusChange],
-    ) -> Result<Vec<AgentEvent>, StoreError>;
+    async fn apply_status_changes(&self, changes: &[StatusChange]) -> Result<Vec<AgentEvent>, StoreError>;
     /// Events of a tenant (optionally of one agent), with `seq` greater than `after_seq`.
     async fn list_agent_events(
         &self,

@@ -35,14 +35,9 @@ impl FromStr for TenantId {
     type Err = CoreError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let valid_char =
-            |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_';
-        let first_ok = s
-            .chars()
-            .next()
-            .is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
-        if s.is_empty() || s.len() > TENANT_ID_BYTES_MAX || !first_ok || !s.chars().all(valid_char)
-        {
+        let valid_char = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_';
+        let first_ok = s.chars().next().is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
+        if s.is_empty() || s.len() > TENANT_ID_BYTES_MAX || !first_ok || !s.chars().all(valid_char) {
             return Err(CoreError::invalid(
                 "invalid_tenant",
                 format!(
@@ -90,10 +85,7 @@ mod tests {
         }
         let long = "a".repeat(TENANT_ID_BYTES_MAX + 1);
         for bad in ["", "Acme", "-a", "_a", "a b", "a/b", "é", long.as_str()] {
-            assert!(
-                bad.parse::<TenantId>().is_err(),
-                "{bad:?} should be invalid"
-            );
+            assert!(bad.parse::<TenantId>().is_err(), "{bad:?} should be invalid");
         }
     }
 }

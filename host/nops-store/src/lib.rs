@@ -17,14 +17,11 @@ use backon::{ExponentialBuilder, Retryable};
 use nops_core::agent::{Agent, AgentEvent, AgentEventKind, AgentId, AgentStatus, Capability, Load};
 use nops_core::auth::{ApiKeyRecord, Role};
 use nops_core::store::{
-    AgentFilter, AgentLiveSeed, AgentStore, HeartbeatRecord, KeyStore, PoolStats, StatusChange,
-    StoreError, StoreHealth,
+    AgentFilter, AgentLiveSeed, AgentStore, HeartbeatRecord, KeyStore, PoolStats, StatusChange, StoreError, StoreHealth,
 };
 use nops_core::tenant::TenantId;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
-use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
-};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::types::Json;
 use sqlx::{ConnectOptions, QueryBuilder};
 use uuid::Uuid;
@@ -64,6 +61,9 @@ const OPERATION_BACKOFF_MS_MIN: u64 = 10;
 const OPERATION_BACKOFF_MS_MAX: u64 = 500;
 /// How long SQLite waits on a locked database before reporting `SQLITE_BUSY`.
 const SQLITE_BUSY_TIMEOUT_MS: u64 = 5_000;
+/// Most SQLite reader connections: readers are blocking threads, more than a few per core
+/// only add page caches (each connection has its own).
+const SQLITE_READERS_MAX: u32 = 4;
 /// Rows per multi-row statement when a batch is written to SQLite (bind-parameter budget).
 const SQLITE_ROWS_PER_STATEMENT_MAX: usize = 200;
 
@@ -134,9 +134,7 @@ pub struct SqlStore {
 
 impl std::fmt::Debug for SqlStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SqlStore")
-            .field("backend", &self.backend())
-            .finish()
+        f.debug_struct("SqlStore").field("backend", &self.backend()).finish()
     }
 }
 
@@ -169,17 +167,11 @@ impl SqlStore {
         let notify = |err: &sqlx::Error, wait: Duration| {
             tracing::warn!(url = %shown, error = %err, retry_in_ms = wait.as_millis() as u64, "database unreachable; retrying");
         };
-        let unreachable = |source| OpenError::Unreachable {
-            url: shown.clone(),
-            attempts: config.connect_attempts_max,
-            source,
-        };
+        let unreachable =
+            |source| OpenError::Unreachable { url: shown.clone(), attempts: config.connect_attempts_max, source };
         let store = if url.starts_with("sqlite:") {
             let options = SqliteConnectOptions::from_str(url)
-                .map_err(|source| OpenError::InvalidUrl {
-                    url: shown.clone(),
-                    source,
-                })?
+                .map_err(|source| OpenError::InvalidUrl { url: shown.clone(), source })?
                 .create_if_missing(true)
                 .journal_mode(SqliteJournalMode::Wal)
                 // In WAL mode NORMAL survives a crash of the process (not of the machine).
@@ -195,39 +187,20 @@ impl SqlStore {
             let connect = |max: u32| {
                 let options = options.clone();
                 move || {
-                    SqlitePoolOptions::new()
-                        .max_connections(max)
-                        .acquire_timeout(acquire)
-                        .connect_with(options.clone())
+                    SqlitePoolOptions::new().max_connections(max).acquire_timeout(acquire).connect_with(options.clone())
                 }
             };
-            let write = connect(1)
-                .retry(backoff)
-                .notify(notify)
-                .await
-                .map_err(unreachable)?;
+            let write = connect(1).retry(backoff).notify(notify).await.map_err(unreachable)?;
             sqlx::migrate!("../../migrations/sqlite")
                 .run(&write)
                 .await
-                .map_err(|source| OpenError::Migrate {
-                    url: shown.clone(),
-                    source,
-                })?;
-            let read = connect(config.pool_connections_max.max(1))
-                .retry(backoff)
-                .notify(notify)
-                .await
-                .map_err(unreachable)?;
-            Self {
-                pools: Pools::Sqlite { write, read },
-                pool_connections_max: config.pool_connections_max.max(1) + 1,
-            }
+                .map_err(|source| OpenError::Migrate { url: shown.clone(), source })?;
+            let readers = config.pool_connections_max.clamp(1, SQLITE_READERS_MAX);
+            let read = connect(readers).retry(backoff).notify(notify).await.map_err(unreachable)?;
+            Self { pools: Pools::Sqlite { write, read }, pool_connections_max: readers + 1 }
         } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
             let options = PgConnectOptions::from_str(url)
-                .map_err(|source| OpenError::InvalidUrl {
-                    url: shown.clone(),
-                    source,
-                })?
+                .map_err(|source| OpenError::InvalidUrl { url: shown.clone(), source })?
                 .disable_statement_logging();
             let pool = (|| {
                 PgPoolOptions::new()
@@ -243,14 +216,8 @@ impl SqlStore {
             sqlx::migrate!("../../migrations/postgres")
                 .run(&pool)
                 .await
-                .map_err(|source| OpenError::Migrate {
-                    url: shown.clone(),
-                    source,
-                })?;
-            Self {
-                pools: Pools::Postgres(pool),
-                pool_connections_max: config.pool_connections_max.max(1),
-            }
+                .map_err(|source| OpenError::Migrate { url: shown.clone(), source })?;
+            Self { pools: Pools::Postgres(pool), pool_connections_max: config.pool_connections_max.max(1) }
         } else {
             return Err(OpenError::UnsupportedUrl(shown));
         };
@@ -299,10 +266,8 @@ fn is_transient(err: &sqlx::Error) -> bool {
             // PostgreSQL: serialization_failure, deadlock_detected, admin_shutdown,
             // cannot_connect_now, connection exceptions (class 08).
             // SQLite: SQLITE_BUSY (5), SQLITE_LOCKED (6) and their extended codes.
-            matches!(
-                code,
-                "40001" | "40P01" | "57P01" | "57P03" | "5" | "6" | "261" | "262" | "517"
-            ) || code.starts_with("08")
+            matches!(code, "40001" | "40P01" | "57P01" | "57P03" | "5" | "6" | "261" | "262" | "517")
+                || code.starts_with("08")
         }
         _ => false,
     }
@@ -310,12 +275,8 @@ fn is_transient(err: &sqlx::Error) -> bool {
 
 fn store_error(what: &'static str, err: sqlx::Error) -> StoreError {
     match &err {
-        sqlx::Error::Database(db) if db.is_unique_violation() => {
-            StoreError::UniqueViolation(db.message().to_string())
-        }
-        sqlx::Error::ColumnDecode { .. } | sqlx::Error::Decode(_) => {
-            StoreError::Corrupt(format!("{what}: {err}"))
-        }
+        sqlx::Error::Database(db) if db.is_unique_violation() => StoreError::UniqueViolation(db.message().to_string()),
+        sqlx::Error::ColumnDecode { .. } | sqlx::Error::Decode(_) => StoreError::Corrupt(format!("{what}: {err}")),
         _ => StoreError::Backend(format!("{what}: {err}")),
     }
 }
@@ -398,8 +359,7 @@ impl TryFrom<EventRow> for AgentEvent {
             seq: row.seq,
             tenant: parse_tenant(&row.tenant)?,
             agent_id: AgentId(row.agent_id),
-            kind: AgentEventKind::from_str(&row.kind)
-                .map_err(|e| StoreError::Corrupt(e.to_string()))?,
+            kind: AgentEventKind::from_str(&row.kind).map_err(|e| StoreError::Corrupt(e.to_string()))?,
             from_status: row.from_status.as_deref().map(parse_status).transpose()?,
             to_status: row.to_status.as_deref().map(parse_status).transpose()?,
             at_ms: row.at_ms,
@@ -428,8 +388,7 @@ impl TryFrom<KeyRow> for ApiKeyRecord {
             name: row.name,
             hash: row.hash,
             tenant: row.tenant.as_deref().map(parse_tenant).transpose()?,
-            role: Role::parse(&row.role)
-                .ok_or_else(|| StoreError::Corrupt(format!("unknown role {}", row.role)))?,
+            role: Role::parse(&row.role).ok_or_else(|| StoreError::Corrupt(format!("unknown role {}", row.role)))?,
             created_at_ms: row.created_at_ms,
             expires_at_ms: row.expires_at_ms,
             revoked_at_ms: row.revoked_at_ms,
@@ -438,19 +397,16 @@ impl TryFrom<KeyRow> for ApiKeyRecord {
 }
 
 fn parse_tenant(s: &str) -> Result<TenantId, StoreError> {
-    s.parse()
-        .map_err(|_| StoreError::Corrupt(format!("invalid tenant {s:?}")))
+    s.parse().map_err(|_| StoreError::Corrupt(format!("invalid tenant {s:?}")))
 }
 
 fn parse_status(s: &str) -> Result<AgentStatus, StoreError> {
-    s.parse()
-        .map_err(|_| StoreError::Corrupt(format!("invalid status {s:?}")))
+    s.parse().map_err(|_| StoreError::Corrupt(format!("invalid status {s:?}")))
 }
 
 const AGENT_COLUMNS: &str = "id, tenant, name, endpoint, labels, capabilities, status, created_at_ms, \
      updated_at_ms, last_heartbeat_at_ms, load, revision";
-const SEED_COLUMNS: &str =
-    "id, tenant, status, COALESCE(last_heartbeat_at_ms, created_at_ms) AS last_seen_ms";
+const SEED_COLUMNS: &str = "id, tenant, status, COALESCE(last_heartbeat_at_ms, created_at_ms) AS last_seen_ms";
 const EVENT_COLUMNS: &str = "seq, tenant, agent_id, kind, from_status, to_status, at_ms";
 const INSERT_EVENT: &str = "INSERT INTO agent_events (tenant, agent_id, kind, from_status, to_status, at_ms) \
      VALUES ($1, $2, $3, $4, $5, $6) RETURNING seq";
@@ -470,21 +426,11 @@ macro_rules! insert_event {
     };
 }
 
-/// (Re)writes the capability and label index rows of `$agent` within transaction `$tx`.
+/// Writes the capability and label index rows of a new `$agent` within transaction `$tx`.
 macro_rules! write_agent_index {
     ($tx:expr, $agent:expr, $DB:ty) => {{
-        sqlx::query("DELETE FROM agent_capabilities WHERE agent_id = $1")
-            .bind($agent.id.0)
-            .execute(&mut *$tx)
-            .await?;
-        sqlx::query("DELETE FROM agent_labels WHERE agent_id = $1")
-            .bind($agent.id.0)
-            .execute(&mut *$tx)
-            .await?;
         if !$agent.capabilities.is_empty() {
-            let mut q = QueryBuilder::<$DB>::new(
-                "INSERT INTO agent_capabilities (agent_id, tenant, name, version) ",
-            );
+            let mut q = QueryBuilder::<$DB>::new("INSERT INTO agent_capabilities (agent_id, tenant, name, version) ");
             q.push_values(&$agent.capabilities, |mut row, cap| {
                 row.push_bind($agent.id.0)
                     .push_bind($agent.tenant.as_str())
@@ -494,9 +440,7 @@ macro_rules! write_agent_index {
             q.build().execute(&mut *$tx).await?;
         }
         if !$agent.labels.is_empty() {
-            let mut q = QueryBuilder::<$DB>::new(
-                "INSERT INTO agent_labels (agent_id, tenant, key, value) ",
-            );
+            let mut q = QueryBuilder::<$DB>::new("INSERT INTO agent_labels (agent_id, tenant, key, value) ");
             q.push_values(&$agent.labels, |mut row, (key, value)| {
                 row.push_bind($agent.id.0)
                     .push_bind($agent.tenant.as_str())
@@ -512,8 +456,7 @@ macro_rules! write_agent_index {
 macro_rules! list_query {
     ($filter:expr, $limit:expr, $DB:ty) => {{
         let filter: &AgentFilter = $filter;
-        let mut q =
-            QueryBuilder::<$DB>::new(format!("SELECT {AGENT_COLUMNS} FROM agents a WHERE 1 = 1"));
+        let mut q = QueryBuilder::<$DB>::new(format!("SELECT {AGENT_COLUMNS} FROM agents a WHERE 1 = 1"));
         if let Some(tenant) = &filter.tenant {
             q.push(" AND a.tenant = ").push_bind(tenant.as_str());
         }
@@ -542,6 +485,50 @@ macro_rules! list_query {
             q.push(")");
         }
         q.push(" ORDER BY a.id LIMIT ").push_bind(i64::from($limit));
+        q
+    }};
+}
+
+/// Builds the capability-version scan for `$filter` over database `$DB`.
+macro_rules! capability_versions_query {
+    ($filter:expr, $capability:expr, $limit:expr, $DB:ty) => {{
+        let filter: &AgentFilter = $filter;
+        let mut q = QueryBuilder::<$DB>::new("SELECT c.agent_id, c.version FROM agent_capabilities c");
+        if filter.status.is_some() {
+            q.push(" JOIN agents a ON a.id = c.agent_id");
+        }
+        q.push(" WHERE c.name = ").push_bind($capability.to_string());
+        if let Some(tenant) = &filter.tenant {
+            q.push(" AND c.tenant = ").push_bind(tenant.as_str());
+        }
+        if let Some(status) = filter.status {
+            q.push(" AND a.status = ").push_bind(status.as_str());
+        }
+        if let Some(after) = filter.after {
+            q.push(" AND c.agent_id > ").push_bind(after.0);
+        }
+        for (key, value) in &filter.labels {
+            q.push(" AND c.agent_id IN (SELECT l.agent_id FROM agent_labels l WHERE l.key = ")
+                .push_bind(key.clone())
+                .push(" AND l.value = ")
+                .push_bind(value.clone())
+                .push(")");
+        }
+        q.push(" ORDER BY c.agent_id LIMIT ").push_bind(i64::from($limit));
+        q
+    }};
+}
+
+/// Builds the fetch of `$ids` in `$tenant` over database `$DB`.
+macro_rules! agents_by_ids_query {
+    ($tenant:expr, $ids:expr, $DB:ty) => {{
+        let mut q = QueryBuilder::<$DB>::new(format!("SELECT {AGENT_COLUMNS} FROM agents WHERE tenant = "));
+        q.push_bind($tenant.as_str()).push(" AND id IN (");
+        let mut list = q.separated(", ");
+        for id in $ids {
+            list.push_bind(id.0);
+        }
+        q.push(") ORDER BY id");
         q
     }};
 }
@@ -584,11 +571,7 @@ impl AgentStore for SqlStore {
         let row = self
             .retrying("get_agent", || async {
                 with_pool!(self, read, |pool| {
-                    sqlx::query_as::<_, AgentRow>(&sql)
-                        .bind(id.0)
-                        .bind(tenant.as_str())
-                        .fetch_optional(pool)
-                        .await
+                    sqlx::query_as::<_, AgentRow>(&sql).bind(id.0).bind(tenant.as_str()).fetch_optional(pool).await
                 })
             })
             .await?;
@@ -600,10 +583,7 @@ impl AgentStore for SqlStore {
         let row = self
             .retrying("get_live_seed", || async {
                 with_pool!(self, read, |pool| {
-                    sqlx::query_as::<_, SeedRow>(&sql)
-                        .bind(id.0)
-                        .fetch_optional(pool)
-                        .await
+                    sqlx::query_as::<_, SeedRow>(&sql).bind(id.0).fetch_optional(pool).await
                 })
             })
             .await?;
@@ -614,9 +594,7 @@ impl AgentStore for SqlStore {
         let sql = format!("SELECT {SEED_COLUMNS} FROM agents ORDER BY id");
         let rows = self
             .retrying("load_live_seeds", || async {
-                with_pool!(self, read, |pool| sqlx::query_as::<_, SeedRow>(&sql)
-                    .fetch_all(pool)
-                    .await)
+                with_pool!(self, read, |pool| sqlx::query_as::<_, SeedRow>(&sql).fetch_all(pool).await)
             })
             .await?;
         rows.into_iter().map(AgentLiveSeed::try_from).collect()
@@ -650,6 +628,11 @@ impl AgentStore for SqlStore {
                 if updated == 0 {
                     return Ok(false);
                 }
+                sqlx::query("DELETE FROM agent_capabilities WHERE agent_id = $1")
+                    .bind(agent.id.0)
+                    .execute(&mut *tx)
+                    .await?;
+                sqlx::query("DELETE FROM agent_labels WHERE agent_id = $1").bind(agent.id.0).execute(&mut *tx).await?;
                 write_agent_index!(tx, agent, _);
                 insert_event!(tx, event)?;
                 tx.commit().await?;
@@ -659,12 +642,7 @@ impl AgentStore for SqlStore {
         .await
     }
 
-    async fn delete_agent(
-        &self,
-        tenant: &TenantId,
-        id: AgentId,
-        event: &AgentEvent,
-    ) -> Result<bool, StoreError> {
+    async fn delete_agent(&self, tenant: &TenantId, id: AgentId, event: &AgentEvent) -> Result<bool, StoreError> {
         self.retrying("delete_agent", || async {
             with_pool!(self, write, |pool| {
                 let mut tx = pool.begin().await?;
@@ -685,22 +663,66 @@ impl AgentStore for SqlStore {
         .await
     }
 
-    async fn list_agents(
-        &self,
-        filter: &AgentFilter,
-        limit: u32,
-    ) -> Result<Vec<Agent>, StoreError> {
+    async fn list_agents(&self, filter: &AgentFilter, limit: u32) -> Result<Vec<Agent>, StoreError> {
         let rows = self
             .retrying("list_agents", || async {
                 match &self.pools {
                     Pools::Sqlite { read, .. } => {
-                        list_query!(filter, limit, sqlx::Sqlite)
+                        list_query!(filter, limit, sqlx::Sqlite).build_query_as::<AgentRow>().fetch_all(read).await
+                    }
+                    Pools::Postgres(pool) => {
+                        list_query!(filter, limit, sqlx::Postgres).build_query_as::<AgentRow>().fetch_all(pool).await
+                    }
+                }
+            })
+            .await?;
+        rows.into_iter().map(Agent::try_from).collect()
+    }
+
+    async fn list_capability_versions(
+        &self,
+        filter: &AgentFilter,
+        limit: u32,
+    ) -> Result<Vec<(AgentId, String)>, StoreError> {
+        let Some(capability) = filter.capability.as_deref() else {
+            return Ok(Vec::new());
+        };
+        let rows: Vec<(Uuid, String)> = self
+            .retrying("list_capability_versions", || async {
+                match &self.pools {
+                    Pools::Sqlite { read, .. } => {
+                        capability_versions_query!(filter, capability, limit, sqlx::Sqlite)
+                            .build_query_as()
+                            .fetch_all(read)
+                            .await
+                    }
+                    Pools::Postgres(pool) => {
+                        capability_versions_query!(filter, capability, limit, sqlx::Postgres)
+                            .build_query_as()
+                            .fetch_all(pool)
+                            .await
+                    }
+                }
+            })
+            .await?;
+        Ok(rows.into_iter().map(|(id, version)| (AgentId(id), version)).collect())
+    }
+
+    async fn get_agents(&self, tenant: &TenantId, ids: &[AgentId]) -> Result<Vec<Agent>, StoreError> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let rows = self
+            .retrying("get_agents", || async {
+                match &self.pools {
+                    Pools::Sqlite { read, .. } => {
+                        agents_by_ids_query!(tenant, ids, sqlx::Sqlite)
                             .build_query_as::<AgentRow>()
                             .fetch_all(read)
                             .await
                     }
                     Pools::Postgres(pool) => {
-                        list_query!(filter, limit, sqlx::Postgres)
+                        agents_by_ids_query!(tenant, ids, sqlx::Postgres)
                             .build_query_as::<AgentRow>()
                             .fetch_all(pool)
                             .await
@@ -726,13 +748,10 @@ impl AgentStore for SqlStore {
                     // One UPDATE … FROM (VALUES …) per chunk keeps the bind count bounded.
                     let mut tx = write.begin().await?;
                     let mut written = 0;
-                    for (records, loads) in batch
-                        .chunks(SQLITE_ROWS_PER_STATEMENT_MAX)
-                        .zip(loads.chunks(SQLITE_ROWS_PER_STATEMENT_MAX))
+                    for (records, loads) in
+                        batch.chunks(SQLITE_ROWS_PER_STATEMENT_MAX).zip(loads.chunks(SQLITE_ROWS_PER_STATEMENT_MAX))
                     {
-                        let mut q = QueryBuilder::<sqlx::Sqlite>::new(
-                            "WITH v(id, at_ms, load) AS (",
-                        );
+                        let mut q = QueryBuilder::<sqlx::Sqlite>::new("WITH v(id, at_ms, load) AS (");
                         q.push_values(records.iter().zip(loads), |mut row, (r, load)| {
                             row.push_bind(r.id.0).push_bind(r.at_ms).push_bind(load.as_str());
                         });
@@ -766,10 +785,7 @@ impl AgentStore for SqlStore {
         .await
     }
 
-    async fn apply_status_changes(
-        &self,
-        changes: &[StatusChange],
-    ) -> Result<Vec<AgentEvent>, StoreError> {
+    async fn apply_status_changes(&self, changes: &[StatusChange]) -> Result<Vec<AgentEvent>, StoreError> {
         if changes.is_empty() {
             return Ok(Vec::new());
         }
@@ -824,9 +840,9 @@ impl AgentStore for SqlStore {
                 "SELECT {EVENT_COLUMNS} FROM agent_events WHERE tenant = $1 AND seq > $2 AND agent_id = $4 \
                  ORDER BY seq LIMIT $3"
             ),
-            None => format!(
-                "SELECT {EVENT_COLUMNS} FROM agent_events WHERE tenant = $1 AND seq > $2 ORDER BY seq LIMIT $3"
-            ),
+            None => {
+                format!("SELECT {EVENT_COLUMNS} FROM agent_events WHERE tenant = $1 AND seq > $2 ORDER BY seq LIMIT $3")
+            }
         };
         let rows = self
             .retrying("list_agent_events", || async {
@@ -852,9 +868,7 @@ impl KeyStore for SqlStore {
         let count = self
             .retrying("api_key_count", || async {
                 with_pool!(self, read, |pool| {
-                    sqlx::query_scalar::<_, i64>("SELECT COUNT(*) FROM api_keys")
-                        .fetch_one(pool)
-                        .await
+                    sqlx::query_scalar::<_, i64>("SELECT COUNT(*) FROM api_keys").fetch_one(pool).await
                 })
             })
             .await?;
@@ -918,11 +932,8 @@ impl KeyStore for SqlStore {
 impl StoreHealth for SqlStore {
     async fn ping(&self) -> Result<(), StoreError> {
         // No retry: readiness must report what it sees now.
-        with_pool!(self, read, |pool| sqlx::query("SELECT 1")
-            .execute(pool)
-            .await
-            .map(|_| ()))
-        .map_err(|e| store_error("ping", e))
+        with_pool!(self, read, |pool| sqlx::query("SELECT 1").execute(pool).await.map(|_| ()))
+            .map_err(|e| store_error("ping", e))
     }
 
     fn backend(&self) -> &'static str {
@@ -939,11 +950,9 @@ impl StoreHealth for SqlStore {
                 idle: (write.num_idle() + read.num_idle()) as u32,
                 max: self.pool_connections_max,
             },
-            Pools::Postgres(pool) => PoolStats {
-                size: pool.size(),
-                idle: pool.num_idle() as u32,
-                max: self.pool_connections_max,
-            },
+            Pools::Postgres(pool) => {
+                PoolStats { size: pool.size(), idle: pool.num_idle() as u32, max: self.pool_connections_max }
+            }
         }
     }
 }
@@ -954,13 +963,7 @@ mod tests {
 
     #[test]
     fn urls_are_redacted() {
-        assert_eq!(
-            redact_url("postgres://u:secret@h:5432/db"),
-            "postgres://u:***@h:5432/db"
-        );
-        assert_eq!(
-            redact_url("sqlite://.nops/nops.db"),
-            "sqlite://.nops/nops.db"
-        );
+        assert_eq!(redact_url("postgres://u:secret@h:5432/db"), "postgres://u:***@h:5432/db");
+        assert_eq!(redact_url("sqlite://.nops/nops.db"), "sqlite://.nops/nops.db");
     }
 }

@@ -25,12 +25,7 @@ pub struct ServeArgs {
     #[arg(long, env = "NOPS_DATA_DIR", value_name = "DIR")]
     pub data_dir: Option<PathBuf>,
     /// Database: sqlite://PATH or postgres://USER@HOST/DB [default: sqlite://$NOPS_DATA_DIR/nops.db]
-    #[arg(
-        long,
-        env = "NOPS_DATABASE_URL",
-        value_name = "URL",
-        hide_env_values = true
-    )]
+    #[arg(long, env = "NOPS_DATABASE_URL", value_name = "URL", hide_env_values = true)]
     pub database_url: Option<String>,
     /// Log format: json or pretty [default: json]
     #[arg(long, env = "NOPS_LOG_FORMAT", value_name = "FORMAT")]
@@ -40,105 +35,44 @@ pub struct ServeArgs {
     pub log: Option<String>,
 
     /// Most open database connections [default: 16]
-    #[arg(
-        long,
-        env = "NOPS_DB_POOL_CONNECTIONS_MAX",
-        value_name = "N",
-        help_heading = "Store"
-    )]
+    #[arg(long, env = "NOPS_DB_POOL_CONNECTIONS_MAX", value_name = "N", help_heading = "Store")]
     pub db_pool_connections_max: Option<u32>,
     /// Attempts to reach the database at start before exiting [default: 8]
-    #[arg(
-        long,
-        env = "NOPS_DB_CONNECT_ATTEMPTS_MAX",
-        value_name = "N",
-        help_heading = "Store"
-    )]
+    #[arg(long, env = "NOPS_DB_CONNECT_ATTEMPTS_MAX", value_name = "N", help_heading = "Store")]
     pub db_connect_attempts_max: Option<usize>,
 
     /// An agent silent this long becomes stale [default: 30000]
-    #[arg(
-        long,
-        env = "NOPS_STALE_AFTER_MS",
-        value_name = "MS",
-        help_heading = "Agent lifecycle"
-    )]
+    #[arg(long, env = "NOPS_STALE_AFTER_MS", value_name = "MS", help_heading = "Agent lifecycle")]
     pub stale_after_ms: Option<i64>,
     /// An agent silent this long becomes a zombie [default: 120000]
-    #[arg(
-        long,
-        env = "NOPS_ZOMBIE_AFTER_MS",
-        value_name = "MS",
-        help_heading = "Agent lifecycle"
-    )]
+    #[arg(long, env = "NOPS_ZOMBIE_AFTER_MS", value_name = "MS", help_heading = "Agent lifecycle")]
     pub zombie_after_ms: Option<i64>,
     /// An agent silent this long is removed [default: 600000]
-    #[arg(
-        long,
-        env = "NOPS_REMOVE_AFTER_MS",
-        value_name = "MS",
-        help_heading = "Agent lifecycle"
-    )]
+    #[arg(long, env = "NOPS_REMOVE_AFTER_MS", value_name = "MS", help_heading = "Agent lifecycle")]
     pub remove_after_ms: Option<i64>,
     /// How often the TTL sweeper runs [default: 1000]
-    #[arg(
-        long,
-        env = "NOPS_SWEEP_INTERVAL_MS",
-        value_name = "MS",
-        help_heading = "Agent lifecycle"
-    )]
+    #[arg(long, env = "NOPS_SWEEP_INTERVAL_MS", value_name = "MS", help_heading = "Agent lifecycle")]
     pub sweep_interval_ms: Option<u64>,
     /// How often heartbeats are flushed to the store; a crash loses at most this much [default: 500]
-    #[arg(
-        long,
-        env = "NOPS_HEARTBEAT_FLUSH_INTERVAL_MS",
-        value_name = "MS",
-        help_heading = "Agent lifecycle"
-    )]
+    #[arg(long, env = "NOPS_HEARTBEAT_FLUSH_INTERVAL_MS", value_name = "MS", help_heading = "Agent lifecycle")]
     pub heartbeat_flush_interval_ms: Option<u64>,
     /// Most heartbeat states written in one transaction [default: 2000]
-    #[arg(
-        long,
-        env = "NOPS_HEARTBEAT_FLUSH_BATCH_MAX",
-        value_name = "N",
-        help_heading = "Agent lifecycle"
-    )]
+    #[arg(long, env = "NOPS_HEARTBEAT_FLUSH_BATCH_MAX", value_name = "N", help_heading = "Agent lifecycle")]
     pub heartbeat_flush_batch_max: Option<usize>,
     /// Most agents the kernel holds [default: 1000000]
-    #[arg(
-        long,
-        env = "NOPS_AGENTS_MAX",
-        value_name = "N",
-        help_heading = "Agent lifecycle"
-    )]
+    #[arg(long, env = "NOPS_AGENTS_MAX", value_name = "N", help_heading = "Agent lifecycle")]
     pub agents_max: Option<usize>,
 
     /// Largest request body, in bytes [default: 1048576]
-    #[arg(
-        long,
-        env = "NOPS_BODY_BYTES_MAX",
-        value_name = "BYTES",
-        help_heading = "HTTP"
-    )]
+    #[arg(long, env = "NOPS_BODY_BYTES_MAX", value_name = "BYTES", help_heading = "HTTP")]
     pub body_bytes_max: Option<usize>,
     /// Longest a request may take [default: 30000]
-    #[arg(
-        long,
-        env = "NOPS_REQUEST_TIMEOUT_MS",
-        value_name = "MS",
-        help_heading = "HTTP"
-    )]
+    #[arg(long, env = "NOPS_REQUEST_TIMEOUT_MS", value_name = "MS", help_heading = "HTTP")]
     pub request_timeout_ms: Option<u64>,
 
     /// Secret mixed into API key hashes (keyed BLAKE2b), 1 to 64 bytes. Set it before the first
     /// start and never change it: existing keys stop working if it changes
-    #[arg(
-        long,
-        env = "NOPS_API_KEY_PEPPER",
-        value_name = "SECRET",
-        hide_env_values = true,
-        help_heading = "Auth"
-    )]
+    #[arg(long, env = "NOPS_API_KEY_PEPPER", value_name = "SECRET", hide_env_values = true, help_heading = "Auth")]
     pub api_key_pepper: Option<String>,
 }
 
@@ -222,17 +156,12 @@ impl Config {
     pub fn resolve(args: &ServeArgs) -> anyhow::Result<Self> {
         let (file, config_file) = match &args.config {
             Some(path) => (read_file(path)?, Some(path.clone())),
-            None if Path::new(DEFAULT_CONFIG_FILE).exists() => (
-                read_file(Path::new(DEFAULT_CONFIG_FILE))?,
-                Some(PathBuf::from(DEFAULT_CONFIG_FILE)),
-            ),
+            None if Path::new(DEFAULT_CONFIG_FILE).exists() => {
+                (read_file(Path::new(DEFAULT_CONFIG_FILE))?, Some(PathBuf::from(DEFAULT_CONFIG_FILE)))
+            }
             None => (FileConfig::default(), None),
         };
-        let data_dir = args
-            .data_dir
-            .clone()
-            .or(file.data_dir)
-            .unwrap_or_else(|| PathBuf::from("./.nops"));
+        let data_dir = args.data_dir.clone().or(file.data_dir).unwrap_or_else(|| PathBuf::from("./.nops"));
         let database_url = args
             .database_url
             .clone()
@@ -256,18 +185,9 @@ impl Config {
         let lc = &file.lifecycle;
         let registry = RegistryConfig {
             ttl: TtlConfig {
-                stale_after_ms: args
-                    .stale_after_ms
-                    .or(lc.stale_after_ms)
-                    .unwrap_or(reg.ttl.stale_after_ms),
-                zombie_after_ms: args
-                    .zombie_after_ms
-                    .or(lc.zombie_after_ms)
-                    .unwrap_or(reg.ttl.zombie_after_ms),
-                remove_after_ms: args
-                    .remove_after_ms
-                    .or(lc.remove_after_ms)
-                    .unwrap_or(reg.ttl.remove_after_ms),
+                stale_after_ms: args.stale_after_ms.or(lc.stale_after_ms).unwrap_or(reg.ttl.stale_after_ms),
+                zombie_after_ms: args.zombie_after_ms.or(lc.zombie_after_ms).unwrap_or(reg.ttl.zombie_after_ms),
+                remove_after_ms: args.remove_after_ms.or(lc.remove_after_ms).unwrap_or(reg.ttl.remove_after_ms),
             },
             heartbeat_flush_interval_ms: args
                 .heartbeat_flush_interval_ms
@@ -277,23 +197,14 @@ impl Config {
                 .heartbeat_flush_batch_max
                 .or(lc.heartbeat_flush_batch_max)
                 .unwrap_or(reg.heartbeat_flush_batch_max),
-            sweep_interval_ms: args
-                .sweep_interval_ms
-                .or(lc.sweep_interval_ms)
-                .unwrap_or(reg.sweep_interval_ms),
+            sweep_interval_ms: args.sweep_interval_ms.or(lc.sweep_interval_ms).unwrap_or(reg.sweep_interval_ms),
             agents_max: args.agents_max.or(lc.agents_max).unwrap_or(reg.agents_max),
             list_limit_max: reg.list_limit_max,
         };
-        registry
-            .ttl
-            .validate()
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        registry.ttl.validate().map_err(|e| anyhow::anyhow!("{e}"))?;
         let http_defaults = HttpConfig::default();
         let http = HttpConfig {
-            body_bytes_max: args
-                .body_bytes_max
-                .or(file.http.body_bytes_max)
-                .unwrap_or(http_defaults.body_bytes_max),
+            body_bytes_max: args.body_bytes_max.or(file.http.body_bytes_max).unwrap_or(http_defaults.body_bytes_max),
             request_timeout_ms: args
                 .request_timeout_ms
                 .or(file.http.request_timeout_ms)
@@ -301,20 +212,10 @@ impl Config {
             ..http_defaults
         };
         Ok(Self {
-            listen: args
-                .listen
-                .or(file.listen)
-                .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 7420))),
+            listen: args.listen.or(file.listen).unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 7420))),
             data_dir,
-            log_format: args
-                .log_format
-                .or(file.log_format)
-                .unwrap_or(LogFormat::Json),
-            log: args
-                .log
-                .clone()
-                .or(file.log)
-                .unwrap_or_else(|| "info".into()),
+            log_format: args.log_format.or(file.log_format).unwrap_or(LogFormat::Json),
+            log: args.log.clone().or(file.log).unwrap_or_else(|| "info".into()),
             store,
             registry,
             http,
@@ -348,17 +249,14 @@ impl Config {
                 body_bytes_max: Some(self.http.body_bytes_max),
                 request_timeout_ms: Some(self.http.request_timeout_ms),
             },
-            auth: FileAuth {
-                api_key_pepper: self.api_key_pepper.as_ref().map(|_| "<redacted>".into()),
-            },
+            auth: FileAuth { api_key_pepper: self.api_key_pepper.as_ref().map(|_| "<redacted>".into()) },
         };
         Ok(toml::to_string_pretty(&file)?)
     }
 }
 
 fn read_file(path: &Path) -> anyhow::Result<FileConfig> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))
 }
 
@@ -375,23 +273,13 @@ mod tests {
             "listen = \"127.0.0.1:9000\"\ndata_dir = \"/tmp/x\"\n[lifecycle]\nstale_after_ms = 5000\nzombie_after_ms = 9000\n",
         )
         .expect("write");
-        let args = ServeArgs {
-            config: Some(path.clone()),
-            stale_after_ms: Some(4000),
-            ..ServeArgs::default()
-        };
+        let args = ServeArgs { config: Some(path.clone()), stale_after_ms: Some(4000), ..ServeArgs::default() };
         let config = Config::resolve(&args).expect("config");
         assert_eq!(config.listen.port(), 9000, "file over default");
         assert_eq!(config.registry.ttl.stale_after_ms, 4000, "flag over file");
-        assert_eq!(
-            config.registry.ttl.zombie_after_ms, 9000,
-            "file over default"
-        );
+        assert_eq!(config.registry.ttl.zombie_after_ms, 9000, "file over default");
         assert_eq!(config.registry.ttl.remove_after_ms, 600_000, "default");
-        assert_eq!(
-            config.store.database_url, "sqlite:///tmp/x/nops.db",
-            "derived from data_dir"
-        );
+        assert_eq!(config.store.database_url, "sqlite:///tmp/x/nops.db", "derived from data_dir");
     }
 
     #[test]
@@ -399,16 +287,10 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("nops.toml");
         std::fs::write(&path, "lisen = \"127.0.0.1:9000\"\n").expect("write");
-        let err = Config::resolve(&ServeArgs {
-            config: Some(path.clone()),
-            ..ServeArgs::default()
-        })
-        .expect_err("typo refused");
+        let err = Config::resolve(&ServeArgs { config: Some(path.clone()), ..ServeArgs::default() })
+            .expect_err("typo refused");
         assert!(format!("{err:#}").contains("lisen"), "{err:#}");
-        let args = ServeArgs {
-            stale_after_ms: Some(999_999),
-            ..ServeArgs::default()
-        };
+        let args = ServeArgs { stale_after_ms: Some(999_999), ..ServeArgs::default() };
         assert!(Config::resolve(&args).is_err());
     }
 }

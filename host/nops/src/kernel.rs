@@ -5,10 +5,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::Context;
-use nops_api::AppState;
-use nops_core::auth::{
-    ApiKeyAuthenticator, GeneratedKey, KeyHasher, RoleAuthorizer, ensure_bootstrap_key,
-};
+use nops_api::{AppState, Services};
+use nops_core::auth::{ApiKeyAuthenticator, GeneratedKey, KeyHasher, RoleAuthorizer, ensure_bootstrap_key};
 use nops_core::clock::Clock;
 use nops_core::metrics::Metrics;
 use nops_core::registry::Registry;
@@ -33,9 +31,7 @@ pub struct Kernel {
 
 impl std::fmt::Debug for Kernel {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Kernel")
-            .field("store", &self.store)
-            .finish_non_exhaustive()
+        f.debug_struct("Kernel").field("store", &self.store).finish_non_exhaustive()
     }
 }
 
@@ -44,30 +40,21 @@ impl Kernel {
     pub async fn open(config: &Config, clock: Arc<dyn Clock>) -> anyhow::Result<Self> {
         let started_at = Instant::now();
         let metrics = Metrics::new();
-        std::fs::create_dir_all(&config.data_dir).with_context(|| {
-            format!("creating the data directory {}", config.data_dir.display())
-        })?;
+        std::fs::create_dir_all(&config.data_dir)
+            .with_context(|| format!("creating the data directory {}", config.data_dir.display()))?;
         let sql = SqlStore::open(&config.store).await?;
         let store: Arc<dyn Store> = Arc::new(sql.clone());
-        let hasher = KeyHasher::new(config.api_key_pepper.as_deref().map(str::as_bytes))
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let hasher =
+            KeyHasher::new(config.api_key_pepper.as_deref().map(str::as_bytes)).map_err(|e| anyhow::anyhow!("{e}"))?;
         let bootstrap_key = ensure_bootstrap_key(store.as_ref(), &hasher, clock.now_ms())
             .await
             .context("creating the bootstrap key")?;
         let registry = Arc::new(
-            Registry::new(
-                store.clone(),
-                clock.clone(),
-                metrics.clone(),
-                config.registry.clone(),
-            )
-            .map_err(|e| anyhow::anyhow!("{e}"))?,
+            Registry::new(store.clone(), clock.clone(), metrics.clone(), config.registry.clone())
+                .map_err(|e| anyhow::anyhow!("{e}"))?,
         );
-        let agents_loaded = registry
-            .load()
-            .await
-            .context("loading the agent registry")?;
-        let state = AppState {
+        let agents_loaded = registry.load().await.context("loading the agent registry")?;
+        let state = AppState::new(Services {
             registry: registry.clone(),
             store: store.clone(),
             authenticator: Arc::new(ApiKeyAuthenticator::new(store, hasher, clock)),
@@ -75,14 +62,8 @@ impl Kernel {
             metrics,
             http: config.http.clone(),
             started_at,
-        };
-        Ok(Self {
-            state,
-            registry,
-            store: sql,
-            bootstrap_key,
-            agents_loaded,
-        })
+        });
+        Ok(Self { state, registry, store: sql, bootstrap_key, agents_loaded })
     }
 
     /// The HTTP application.

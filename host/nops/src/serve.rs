@@ -12,26 +12,15 @@ use tracing_subscriber::EnvFilter;
 /// Runs the kernel until SIGINT or SIGTERM.
 pub fn run(config: Config) -> anyhow::Result<()> {
     init_logging(&config)?;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("starting the runtime")?;
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the runtime")?;
     runtime.block_on(serve(config))
 }
 
 fn init_logging(config: &Config) -> anyhow::Result<()> {
-    let filter = EnvFilter::try_new(&config.log)
-        .with_context(|| format!("invalid log filter {:?}", config.log))?;
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+    let filter = EnvFilter::try_new(&config.log).with_context(|| format!("invalid log filter {:?}", config.log))?;
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     let result = match config.log_format {
-        LogFormat::Json => builder
-            .json()
-            .flatten_event(true)
-            .with_current_span(true)
-            .with_span_list(false)
-            .try_init(),
+        LogFormat::Json => builder.json().flatten_event(true).with_current_span(true).with_span_list(false).try_init(),
         LogFormat::Pretty => builder.try_init(),
     };
     result.map_err(|e| anyhow::anyhow!("initialising logs: {e}"))
@@ -58,10 +47,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         config_file = config.config_file.as_ref().map(|p| p.display().to_string()),
         "nops kernel serving"
     );
-    axum::serve(listener, kernel.router())
-        .with_graceful_shutdown(shutdown_signal())
-        .await
-        .context("serving HTTP")?;
+    axum::serve(listener, kernel.router()).with_graceful_shutdown(shutdown_signal()).await.context("serving HTTP")?;
     tracing::info!("shutting down: flushing heartbeats");
     let _ = shutdown_tx.send(true);
     if let Err(err) = background.await {

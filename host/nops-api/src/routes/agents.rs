@@ -8,8 +8,7 @@ use axum::response::IntoResponse;
 use axum::routing::{get, post};
 use http::StatusCode;
 use nops_core::agent::{
-    Agent, AgentEvent, AgentId, AgentPatch, AgentStatus, Load, NewAgent, validate_capability_name,
-    validate_label,
+    Agent, AgentEvent, AgentId, AgentPatch, AgentStatus, Load, NewAgent, validate_capability_name, validate_label,
 };
 use nops_core::registry::{AgentPage, AgentQuery, HeartbeatAck};
 use nops_core::store::AgentFilter;
@@ -28,10 +27,7 @@ const LIST_LIMIT_DEFAULT: u32 = 50;
 pub(crate) fn router() -> Router<AppState> {
     Router::new()
         .route("/agents", get(list_agents).post(create_agent))
-        .route(
-            "/agents/{id}",
-            get(get_agent).patch(update_agent).delete(delete_agent),
-        )
+        .route("/agents/{id}", get(get_agent).patch(update_agent).delete(delete_agent))
         .route("/agents/{id}/heartbeat", post(heartbeat))
         .route("/agents/{id}/events", get(agent_events))
         .route("/agent-events", get(tenant_events))
@@ -48,11 +44,7 @@ async fn create_agent(
 ) -> Result<impl IntoResponse, ApiError> {
     let agent = state.registry.create(&ctx.tenant, new).await?;
     let location = format!("/api/v1/agents/{}", agent.id);
-    Ok((
-        StatusCode::CREATED,
-        [(http::header::LOCATION, location)],
-        axum::Json(agent),
-    ))
+    Ok((StatusCode::CREATED, [(http::header::LOCATION, location)], axum::Json(agent)))
 }
 
 async fn get_agent(
@@ -60,9 +52,7 @@ async fn get_agent(
     ctx: RequestContext,
     Path(id): Path<String>,
 ) -> Result<axum::Json<Agent>, ApiError> {
-    Ok(axum::Json(
-        state.registry.get(&ctx.tenant, parse_id(&id)?).await?,
-    ))
+    Ok(axum::Json(state.registry.get(&ctx.tenant, parse_id(&id)?).await?))
 }
 
 async fn update_agent(
@@ -72,9 +62,7 @@ async fn update_agent(
     Json(patch): Json<AgentPatch>,
 ) -> Result<axum::Json<Agent>, ApiError> {
     let id = parse_id(&id)?;
-    Ok(axum::Json(
-        state.registry.update(&ctx.tenant, id, patch).await?,
-    ))
+    Ok(axum::Json(state.registry.update(&ctx.tenant, id, patch).await?))
 }
 
 async fn delete_agent(
@@ -117,18 +105,12 @@ async fn list_agents(
         .as_deref()
         .map(|v| {
             v.parse::<semver::VersionReq>().map_err(|e| {
-                ApiError::bad_request(
-                    "invalid_query",
-                    format!("version is not a semver requirement: {e}"),
-                )
+                ApiError::bad_request("invalid_query", format!("version is not a semver requirement: {e}"))
             })
         })
         .transpose()?;
     if version.is_some() && params.capability.is_none() {
-        return Err(ApiError::bad_request(
-            "invalid_query",
-            "version needs capability",
-        ));
+        return Err(ApiError::bad_request("invalid_query", "version needs capability"));
     }
     let status = params
         .status
@@ -136,29 +118,15 @@ async fn list_agents(
         .map(str::parse::<AgentStatus>)
         .transpose()
         .map_err(|e| ApiError::bad_request("invalid_query", e.to_string()))?;
-    let labels = params
-        .label
-        .as_deref()
-        .map(parse_label_filter)
-        .transpose()?
-        .unwrap_or_default();
+    let labels = params.label.as_deref().map(parse_label_filter).transpose()?.unwrap_or_default();
     let after = params.after.as_deref().map(parse_id).transpose()?;
     let limit_max = state.registry.config().list_limit_max;
     let limit = params.limit.unwrap_or(LIST_LIMIT_DEFAULT);
     if limit == 0 || limit > limit_max {
-        return Err(ApiError::bad_request(
-            "invalid_query",
-            format!("limit must be between 1 and {limit_max}"),
-        ));
+        return Err(ApiError::bad_request("invalid_query", format!("limit must be between 1 and {limit_max}")));
     }
     let query = AgentQuery {
-        filter: AgentFilter {
-            tenant: Some(ctx.tenant),
-            capability: params.capability,
-            status,
-            labels,
-            after,
-        },
+        filter: AgentFilter { tenant: Some(ctx.tenant), capability: params.capability, status, labels, after },
         version,
         limit,
     };
@@ -168,17 +136,13 @@ async fn list_agents(
 fn parse_label_filter(raw: &str) -> Result<BTreeMap<String, String>, ApiError> {
     let mut labels = BTreeMap::new();
     for pair in raw.split(',') {
-        let (key, value) = pair.split_once('=').ok_or_else(|| {
-            ApiError::bad_request("invalid_query", "label must be key=value[,key=value…]")
-        })?;
-        validate_label(key, value)
-            .map_err(|e| ApiError::bad_request("invalid_query", e.to_string()))?;
+        let (key, value) = pair
+            .split_once('=')
+            .ok_or_else(|| ApiError::bad_request("invalid_query", "label must be key=value[,key=value…]"))?;
+        validate_label(key, value).map_err(|e| ApiError::bad_request("invalid_query", e.to_string()))?;
         labels.insert(key.to_string(), value.to_string());
         if labels.len() > LABEL_FILTERS_MAX {
-            return Err(ApiError::bad_request(
-                "invalid_query",
-                format!("at most {LABEL_FILTERS_MAX} label filters"),
-            ));
+            return Err(ApiError::bad_request("invalid_query", format!("at most {LABEL_FILTERS_MAX} label filters")));
         }
     }
     Ok(labels)
@@ -191,9 +155,7 @@ async fn heartbeat(
     Json(load): Json<Load>,
 ) -> Result<axum::Json<HeartbeatAck>, ApiError> {
     let id = parse_id(&id)?;
-    Ok(axum::Json(
-        state.registry.heartbeat(&ctx.tenant, id, load).await?,
-    ))
+    Ok(axum::Json(state.registry.heartbeat(&ctx.tenant, id, load).await?))
 }
 
 /// Query parameters of the event listings.
@@ -240,17 +202,9 @@ async fn events_page(
     let limit_max = state.registry.config().list_limit_max;
     let limit = params.limit.unwrap_or(LIST_LIMIT_DEFAULT);
     if limit == 0 || limit > limit_max {
-        return Err(ApiError::bad_request(
-            "invalid_query",
-            format!("limit must be between 1 and {limit_max}"),
-        ));
+        return Err(ApiError::bad_request("invalid_query", format!("limit must be between 1 and {limit_max}")));
     }
-    let items = state
-        .registry
-        .events(&ctx.tenant, agent, params.after.unwrap_or(0), limit)
-        .await?;
-    let next_after = (items.len() == limit as usize)
-        .then(|| items.last().map(|e| e.seq))
-        .flatten();
+    let items = state.registry.events(&ctx.tenant, agent, params.after.unwrap_or(0), limit).await?;
+    let next_after = (items.len() == limit as usize).then(|| items.last().map(|e| e.seq)).flatten();
     Ok(axum::Json(EventPage { items, next_after }))
 }

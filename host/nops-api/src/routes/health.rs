@@ -35,17 +35,9 @@ async fn ready(State(state): State<AppState>) -> Result<impl IntoResponse, ApiEr
         Ok(Ok(())) => Ok(axum::Json(json!({"status": "ready"}))),
         Ok(Err(err)) => Err(ApiError {
             detail: Some(err.to_string()),
-            ..ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "not_ready",
-                "the store is unreachable",
-            )
+            ..ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "not_ready", "the store is unreachable")
         }),
-        Err(_) => Err(ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "not_ready",
-            "the store did not answer in time",
-        )),
+        Err(_) => Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "not_ready", "the store did not answer in time")),
     }
 }
 
@@ -94,10 +86,7 @@ async fn health_extended(State(state): State<AppState>) -> impl IntoResponse {
             tracing::warn!(error = %err, "store ping failed");
             Some("unreachable".to_string())
         }
-        Err(_) => Some(format!(
-            "no answer within {} ms",
-            state.http.probe_timeout_ms
-        )),
+        Err(_) => Some(format!("no answer within {} ms", state.http.probe_timeout_ms)),
     };
     let pool = state.store.pool_stats();
     let store = StoreComponent {
@@ -110,14 +99,7 @@ async fn health_extended(State(state): State<AppState>) -> impl IntoResponse {
         pool_max_connections: pool.max,
     };
     let health = state.registry.health();
-    let registry = RegistryComponent {
-        status: if health.last_error.is_none() {
-            "ok"
-        } else {
-            "degraded"
-        },
-        health,
-    };
+    let registry = RegistryComponent { status: if health.last_error.is_none() { "ok" } else { "degraded" }, health };
     let all_ok = store.status == "ok" && registry.status == "ok";
     let body = Extended {
         status: if all_ok { "ok" } else { "degraded" },
@@ -125,21 +107,14 @@ async fn health_extended(State(state): State<AppState>) -> impl IntoResponse {
         uptime_ms: state.started_at.elapsed().as_millis() as u64,
         components: Components { store, registry },
     };
-    let status = if all_ok {
-        StatusCode::OK
-    } else {
-        StatusCode::SERVICE_UNAVAILABLE
-    };
+    let status = if all_ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     (status, axum::Json(body))
 }
 
 /// Prometheus text exposition of every kernel metric.
 async fn metrics(State(state): State<AppState>) -> Result<impl IntoResponse, ApiError> {
     let pool = state.store.pool_stats();
-    state
-        .metrics
-        .store_pool_connections
-        .set(i64::from(pool.size));
+    state.metrics.store_pool_connections.set(i64::from(pool.size));
     state.metrics.store_pool_idle.set(i64::from(pool.idle));
     state.metrics.store_pool_max.set(i64::from(pool.max));
     let encoder = TextEncoder::new();
@@ -147,11 +122,5 @@ async fn metrics(State(state): State<AppState>) -> Result<impl IntoResponse, Api
     encoder
         .encode(&state.metrics.registry.gather(), &mut buffer)
         .map_err(|e| ApiError::internal(format!("encoding metrics: {e}")))?;
-    Ok((
-        [(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
-        )],
-        buffer,
-    ))
+    Ok(([(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"))], buffer))
 }
