@@ -81,9 +81,17 @@ async fn a_heartbeat_revives_a_stale_or_zombie_agent() {
         let (status, ack) = k.call("POST", &format!("/api/v1/agents/{id}/heartbeat"), Some(json!({}))).await;
         assert_eq!(status, StatusCode::OK);
         assert_eq!(ack["status"], "healthy");
-        assert_eq!(status_of(&k, &id).await.1, "healthy", "{:?}", k.backend);
+        assert_eq!(status_of(&k, &id).await.1, "healthy", "{:?}: revived at once", k.backend);
+        let (_, zombies) = k.call("GET", "/api/v1/agents?status=zombie", None).await;
+        assert_eq!(zombies["items"], json!([]), "{:?}: no longer listed as a zombie", k.backend);
+
+        // The revival is written with the heartbeat flush.
+        k.kernel.registry.flush_heartbeats().await.expect("flush");
         let (_, healthy) = k.call("GET", "/api/v1/agents?status=healthy", None).await;
-        assert_eq!(healthy["items"].as_array().expect("items").len(), 1, "{:?}: revival is stored at once", k.backend);
+        assert_eq!(healthy["items"].as_array().expect("items").len(), 1, "{:?}: revival is stored", k.backend);
+        let metrics = k.send_text(k.request("GET", "/metrics", None)).await.1;
+        assert!(metrics.contains("nops_agent_transitions_total{to=\"healthy\"} 1"), "{metrics}");
+        assert!(metrics.contains("nops_agents{status=\"healthy\"} 1"), "{metrics}");
 
         // The heartbeat restarts the clock: 9.999 s later it is still healthy.
         k.clock.advance_ms(9_999);

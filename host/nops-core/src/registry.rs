@@ -126,6 +126,8 @@ struct LiveEntry {
     status: AgentStatus,
     last_seen_ms: i64,
     heartbeat: Option<(i64, Load)>,
+    /// The status a heartbeat revived the agent from, until the flush writes the change.
+    revived_from: Option<AgentStatus>,
     dirty: bool,
 }
 
@@ -136,6 +138,7 @@ impl LiveEntry {
             status: seed.status,
             last_seen_ms: seed.last_seen_ms,
             heartbeat: None,
+            revived_from: None,
             dirty: false,
         }
     }
@@ -286,6 +289,7 @@ impl Registry {
                 status: agent.status,
                 last_seen_ms: now_ms,
                 heartbeat: None,
+                revived_from: None,
                 dirty: false,
             },
         );
@@ -364,8 +368,8 @@ impl Registry {
         let limit = query.limit.clamp(1, self.config.list_limit_max);
         let Some(version) = &query.version else {
             let mut items = self.store.list_agents(&query.filter, limit).await?;
-            items.iter_mut().for_each(|a| self.overlay(a));
             let next_after = (items.len() == limit as usize).then(|| items.last().map(|a| a.id)).flatten();
+            self.overlay_page(&mut items, query.filter.status);
             return Ok(AgentPage { items, next_after });
         };
         if query.filter.capability.is_none() {
@@ -408,7 +412,7 @@ impl Registry {
         };
         let tenant = query.filter.tenant.clone().unwrap_or_else(TenantId::default_tenant);
         let mut items = self.store.get_agents(&tenant, &ids).await?;
-        items.iter_mut().for_each(|a| self.overlay(a));
+        self.overlay_page(&mut items, query.filter.status);
         Ok(AgentPage { items, next_after })
     }
 
@@ -432,25 +436,25 @@ impl Registry {
                 self.metrics.agents.with_label_values(&[status.as_str()]).inc();
             }
         }
-        let needs_revive = {
+        {
             let mut entry = self.live.get_mut(&id).ok_or(CoreError::NotFound { what: "agent" })?;
             if &entry.tenant != tenant {
                 return Err(CoreError::NotFound { what: "agent" });
             }
             entry.last_seen_ms = now_ms;
             entry.heartbeat = Some((now_ms, load));
-            if !entry.dirty {
-                entry.dirty = true;
-                lock(&self.pending).push(id);
-                self.metrics.heartbeats_pending.inc();
+            if entry.status != AgentStatus::Healthy {
+                // Revived: healthy now in memory; the change and its event are written with
+                // the next flush, in the same batch as this heartbeat.
+                self.metrics.agents.with_label_values(&[entry.status.as_str()]).dec();
+                self.metrics.agents.with_label_values(&["healthy"]).inc();
+                let from = entry.status;
+                entry.revived_from.get_or_insert(from);
+                entry.status = AgentStatus::Healthy;
             }
-            entry.status != AgentStatus::Healthy
-        };
-        self.metrics.heartbeats_total.inc();
-        if needs_revive {
-            let _serial = self.transitions.lock().await;
-            self.revive(id, now_ms).await?;
+            self.mark_dirty(id, &mut entry);
         }
+        self.metrics.heartbeats_total.inc();
         Ok(HeartbeatAck {
             status: AgentStatus::Healthy,
             at_ms: now_ms,
@@ -458,37 +462,16 @@ impl Registry {
         })
     }
 
-    /// Moves a heard-from agent back to healthy, in the store and in memory. The caller holds
-    /// the transitions lock.
-    async fn revive(&self, id: AgentId, now_ms: i64) -> CoreResult<()> {
-        let Some((tenant, from)) = self.live.get(&id).map(|e| (e.tenant.clone(), e.status)) else {
-            return Ok(());
-        };
-        if from == AgentStatus::Healthy {
-            return Ok(());
+    fn mark_dirty(&self, id: AgentId, entry: &mut LiveEntry) {
+        if !entry.dirty {
+            entry.dirty = true;
+            lock(&self.pending).push(id);
+            self.metrics.heartbeats_pending.inc();
         }
-        let change = StatusChange {
-            event: AgentEvent {
-                seq: 0,
-                tenant,
-                agent_id: id,
-                kind: AgentEventKind::StatusChanged,
-                from_status: Some(from),
-                to_status: Some(AgentStatus::Healthy),
-                at_ms: now_ms,
-            },
-            last_seen_at_or_before_ms: i64::MAX,
-            remove: false,
-        };
-        self.store.apply_status_changes(std::slice::from_ref(&change)).await?;
-        if let Some(mut entry) = self.live.get_mut(&id) {
-            entry.status = AgentStatus::Healthy;
-        }
-        self.count_transition(Some(AgentStatus::Healthy));
-        Ok(())
     }
 
-    /// Writes dirty heartbeat state to the store in batches; returns how many were written.
+    /// Writes dirty heartbeat state (and the revivals heartbeats caused) to the store in
+    /// batches; returns how many heartbeat states were written.
     pub async fn flush_heartbeats(&self) -> CoreResult<usize> {
         let ids = std::mem::take(&mut *lock(&self.pending));
         if ids.is_empty() {
@@ -496,36 +479,74 @@ impl Registry {
         }
         let started = Instant::now();
         let mut records = Vec::with_capacity(ids.len());
+        let mut revivals = Vec::new();
         for id in ids {
             if let Some(mut entry) = self.live.get_mut(&id)
                 && entry.dirty
             {
                 entry.dirty = false;
                 if let Some((at_ms, load)) = &entry.heartbeat {
-                    records.push(HeartbeatRecord { id, at_ms: *at_ms, load: load.clone(), status: entry.status });
+                    records.push(HeartbeatRecord { id, at_ms: *at_ms, load: load.clone() });
+                }
+                if let Some(from) = entry.revived_from.take() {
+                    revivals.push(StatusChange {
+                        event: AgentEvent {
+                            seq: 0,
+                            tenant: entry.tenant.clone(),
+                            agent_id: id,
+                            kind: AgentEventKind::StatusChanged,
+                            from_status: Some(from),
+                            to_status: Some(AgentStatus::Healthy),
+                            at_ms: entry.last_seen_ms,
+                        },
+                        last_seen_at_or_before_ms: i64::MAX,
+                        remove: false,
+                    });
                 }
             }
         }
-        self.metrics.heartbeats_pending.set(lock(&self.pending).len() as i64);
         let mut written = 0;
         let batch_max = self.config.heartbeat_flush_batch_max.max(1);
+        let mut failure = None;
         for (i, batch) in records.chunks(batch_max).enumerate() {
             if let Err(err) = self.store.write_heartbeats(batch).await {
-                // Put everything not yet written back, unless a newer heartbeat already did.
-                for record in &records[i * batch_max..] {
-                    if let Some(mut entry) = self.live.get_mut(&record.id)
-                        && !entry.dirty
-                    {
-                        entry.dirty = true;
-                        lock(&self.pending).push(record.id);
-                    }
-                }
-                self.metrics.heartbeat_flush_errors_total.inc();
-                self.metrics.heartbeats_pending.set(lock(&self.pending).len() as i64);
-                *lock(&self.last_error) = Some(format!("heartbeat flush: {err}"));
-                return Err(err.into());
+                failure = Some((i * batch_max, err));
+                break;
             }
             written += batch.len();
+        }
+        if failure.is_none() && !revivals.is_empty() {
+            let _serial = self.transitions.lock().await;
+            for batch in revivals.chunks(batch_max) {
+                if let Err(err) = self.store.apply_status_changes(batch).await {
+                    failure = Some((records.len(), err));
+                    break;
+                }
+                for _ in batch {
+                    self.count_transition(Some(AgentStatus::Healthy));
+                }
+            }
+        }
+        if let Some((unwritten_from, err)) = failure {
+            // Put back everything not yet written, unless a newer heartbeat already did.
+            for record in &records[unwritten_from..] {
+                if let Some(mut entry) = self.live.get_mut(&record.id) {
+                    self.mark_dirty(record.id, &mut entry);
+                }
+            }
+            for change in &revivals {
+                if let Some(mut entry) = self.live.get_mut(&change.event.agent_id)
+                    && entry.status == AgentStatus::Healthy
+                {
+                    entry.revived_from.get_or_insert(change.event.from_status.unwrap_or(AgentStatus::Stale));
+                    self.mark_dirty(change.event.agent_id, &mut entry);
+                }
+            }
+            self.metrics.heartbeats_flushed_total.inc_by(written as u64);
+            self.metrics.heartbeat_flush_errors_total.inc();
+            self.metrics.heartbeats_pending.set(lock(&self.pending).len() as i64);
+            *lock(&self.last_error) = Some(format!("heartbeat flush: {err}"));
+            return Err(err.into());
         }
         self.metrics.heartbeats_flushed_total.inc_by(written as u64);
         self.metrics.heartbeats_pending.set(lock(&self.pending).len() as i64);
@@ -579,7 +600,6 @@ impl Registry {
             }
         };
         let applied_ids: HashSet<AgentId> = applied.iter().map(|e| e.agent_id).collect();
-        let mut revive = Vec::new();
         for change in &changes {
             let id = change.event.agent_id;
             if !applied_ids.contains(&id) {
@@ -591,18 +611,18 @@ impl Registry {
             if change.remove {
                 self.live.remove(&id);
             } else if let Some(mut entry) = self.live.get_mut(&id) {
-                if let Some(to) = to {
-                    entry.status = to;
-                }
                 if entry.last_seen_ms > change.last_seen_at_or_before_ms {
-                    // A heartbeat arrived while this sweep was writing.
-                    revive.push(id);
+                    // A heartbeat arrived while this sweep was writing: the agent stays
+                    // healthy in memory and the next flush records the revival.
+                    if let Some(to) = to {
+                        entry.revived_from.get_or_insert(to);
+                    }
+                    self.mark_dirty(id, &mut entry);
+                } else if let Some(to) = to {
+                    entry.status = to;
                 }
             }
             self.count_transition(to);
-        }
-        for id in revive {
-            self.revive(id, now_ms).await?;
         }
         self.refresh_status_gauges();
         self.last_sweep_at_ms.store(now_ms, Ordering::Relaxed);
@@ -691,6 +711,16 @@ impl Registry {
         }
         if let Err(err) = self.flush_heartbeats().await {
             tracing::error!(error = %err, "final heartbeat flush failed; the last heartbeats are lost");
+        }
+    }
+
+    /// Overlays live state on a page read from the store. The store's status lags a revival
+    /// by at most one flush; agents whose live status no longer matches the `status` filter
+    /// are dropped (the page may then be shorter than the limit; the cursor still holds).
+    fn overlay_page(&self, items: &mut Vec<Agent>, status: Option<AgentStatus>) {
+        items.iter_mut().for_each(|a| self.overlay(a));
+        if let Some(status) = status {
+            items.retain(|a| a.status == status);
         }
     }
 

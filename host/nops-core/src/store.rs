@@ -63,8 +63,6 @@ pub struct HeartbeatRecord {
     pub at_ms: i64,
     /// Reported load.
     pub load: Load,
-    /// Status at the time of the heartbeat.
-    pub status: AgentStatus,
 }
 
 /// A lifecycle transition decided by the registry, applied with its event in one transaction.
