@@ -197,3 +197,19 @@ async fn a_store_reopened_serves_the_same_agents() {
         again.store.close().await;
     }
 }
+
+#[tokio::test]
+async fn two_kernels_starting_together_create_one_bootstrap_key() {
+    for backend in crate::support::backends() {
+        let db = crate::support::TestDb::new(backend).await;
+        let config = nops::config::Config::resolve(&crate::support::test_args(&db.url)).expect("config");
+        let clock = || std::sync::Arc::new(nops_core::clock::ManualClock::new(0));
+        let (a, b) =
+            tokio::join!(nops::kernel::Kernel::open(&config, clock()), nops::kernel::Kernel::open(&config, clock()));
+        let (a, b) = (a.expect("first kernel"), b.expect("second kernel"));
+        let printed = [a.bootstrap_key.is_some(), b.bootstrap_key.is_some()];
+        assert_eq!(printed.iter().filter(|p| **p).count(), 1, "{backend:?}: exactly one kernel prints a key");
+        a.store.close().await;
+        b.store.close().await;
+    }
+}

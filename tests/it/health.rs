@@ -27,8 +27,17 @@ async fn health_ready_and_extended_report_each_component() {
         assert!(store["pool_max_connections"].as_u64().expect("pool") > 0);
         assert_eq!(body["components"]["registry"]["status"], "ok");
 
+        let agent = k.create_agent(agent_json("hb", "a.b", "1.0.0")).await;
+        let id = agent["id"].as_str().expect("id");
+        let (status, _) = k.call("POST", &format!("/api/v1/agents/{id}/heartbeat"), Some(json!({}))).await;
+        assert_eq!(status, StatusCode::OK);
+
         // A closed store: not ready, degraded, and the API says so with a 503.
         k.kernel.store.close().await;
+        assert!(k.kernel.registry.flush_heartbeats().await.is_err(), "the flush fails");
+        assert_eq!(k.kernel.registry.health().heartbeats_pending, 1, "{:?}: the state is kept for a retry", k.backend);
+        let (status, _) = k.call("POST", &format!("/api/v1/agents/{id}/heartbeat"), Some(json!({}))).await;
+        assert_eq!(status, StatusCode::OK, "heartbeats are still accepted while the store is down");
         let (status, body) = k.call("GET", "/ready", None).await;
         assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
         assert_eq!(body["error"]["code"], "not_ready");
@@ -36,6 +45,8 @@ async fn health_ready_and_extended_report_each_component() {
         assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(body["status"], "degraded");
         assert_eq!(body["components"]["store"]["status"], "down");
+        assert_eq!(body["components"]["registry"]["status"], "degraded");
+        assert!(body["components"]["registry"]["last_error"].as_str().expect("error").contains("heartbeat flush"));
         let (status, body) = k.call("GET", "/api/v1/agents", None).await;
         assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
         assert!(!body.to_string().contains("pool"), "internals stay in the logs: {body}");

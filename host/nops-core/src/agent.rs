@@ -371,6 +371,24 @@ pub fn validate_label(key: &str, value: &str) -> CoreResult<()> {
     Ok(())
 }
 
+/// Most `key=value` pairs one label selector may hold.
+pub const LABEL_SELECTOR_PAIRS_MAX: usize = 16;
+
+/// Parses a label selector `key=value[,key=value…]`: agents must carry every pair.
+pub fn parse_label_selector(raw: &str) -> CoreResult<BTreeMap<String, String>> {
+    let bad = |message: String| CoreError::invalid("invalid_query", message);
+    let mut labels = BTreeMap::new();
+    for pair in raw.split(',') {
+        let (key, value) = pair.split_once('=').ok_or_else(|| bad("label must be key=value[,key=value…]".into()))?;
+        validate_label(key, value).map_err(|e| bad(e.to_string()))?;
+        labels.insert(key.to_string(), value.to_string());
+        if labels.len() > LABEL_SELECTOR_PAIRS_MAX {
+            return Err(bad(format!("at most {LABEL_SELECTOR_PAIRS_MAX} label pairs")));
+        }
+    }
+    Ok(labels)
+}
+
 /// A record of something that happened to an agent, readable by operators.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AgentEvent {
@@ -487,6 +505,18 @@ mod tests {
         assert!(validate_definition("a", None, &labels, &[not_object]).is_err());
         assert!(validate_definition("", None, &labels, &[]).is_err());
         assert!(validate_definition("a\nb", None, &labels, &[]).is_err());
+    }
+
+    #[test]
+    fn label_selectors_parse_pairs() {
+        let parsed = parse_label_selector("zone=eu,tier=gold").expect("valid");
+        assert_eq!(parsed.get("zone").map(String::as_str), Some("eu"));
+        assert_eq!(parsed.len(), 2);
+        assert_eq!(parse_label_selector("empty=").expect("empty value").get("empty").map(String::as_str), Some(""));
+        let too_many = (0..=LABEL_SELECTOR_PAIRS_MAX).map(|i| format!("k{i}=v")).collect::<Vec<_>>().join(",");
+        for bad in ["novalue", "=v", "a=b,", "a b=c", too_many.as_str()] {
+            assert!(parse_label_selector(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

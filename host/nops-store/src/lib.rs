@@ -191,10 +191,29 @@ impl SqlStore {
                 }
             };
             let write = connect(1).retry(backoff).notify(notify).await.map_err(unreachable)?;
+            // SQLite has no advisory locks: two kernels opening one file at once would both
+            // apply migration 1. An exclusive lock on a file beside the database serialises them.
+            let filename = options.get_filename();
+            let migration_lock = if filename.as_os_str().is_empty() || filename == std::path::Path::new(":memory:") {
+                None
+            } else {
+                let mut lock_path = filename.as_os_str().to_owned();
+                lock_path.push(".migrate-lock");
+                let lock_file = tokio::task::spawn_blocking(move || {
+                    let file = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&lock_path)?;
+                    file.lock()?;
+                    Ok::<_, std::io::Error>(file)
+                })
+                .await
+                .map_err(|e| unreachable(sqlx::Error::Io(std::io::Error::other(e))))?
+                .map_err(|e| unreachable(sqlx::Error::Io(e)))?;
+                Some(lock_file)
+            };
             sqlx::migrate!("../../migrations/sqlite")
                 .run(&write)
                 .await
                 .map_err(|source| OpenError::Migrate { url: shown.clone(), source })?;
+            drop(migration_lock);
             let readers = config.pool_connections_max.clamp(1, SQLITE_READERS_MAX);
             let read = connect(readers).retry(backoff).notify(notify).await.map_err(unreachable)?;
             Self { pools: Pools::Sqlite { write, read }, pool_connections_max: readers + 1 }

@@ -1,14 +1,12 @@
 //! `/api/v1/agents`: the agent registry, heartbeats and lifecycle events.
 
-use std::collections::BTreeMap;
-
 use axum::Router;
 use axum::extract::State;
 use axum::response::IntoResponse;
 use axum::routing::{get, post};
 use http::StatusCode;
 use nops_core::agent::{
-    Agent, AgentEvent, AgentId, AgentPatch, AgentStatus, Load, NewAgent, validate_capability_name, validate_label,
+    Agent, AgentEvent, AgentId, AgentPatch, AgentStatus, Load, NewAgent, parse_label_selector, validate_capability_name,
 };
 use nops_core::registry::{AgentPage, AgentQuery, HeartbeatAck};
 use nops_core::store::AgentFilter;
@@ -19,8 +17,6 @@ use crate::context::RequestContext;
 use crate::error::ApiError;
 use crate::extract::{Json, Path, Query};
 
-/// Most `key=value` pairs one `label` filter may hold.
-const LABEL_FILTERS_MAX: usize = 16;
 /// Page size when the client names none.
 const LIST_LIMIT_DEFAULT: u32 = 50;
 
@@ -118,7 +114,7 @@ async fn list_agents(
         .map(str::parse::<AgentStatus>)
         .transpose()
         .map_err(|e| ApiError::bad_request("invalid_query", e.to_string()))?;
-    let labels = params.label.as_deref().map(parse_label_filter).transpose()?.unwrap_or_default();
+    let labels = params.label.as_deref().map(parse_label_selector).transpose()?.unwrap_or_default();
     let after = params.after.as_deref().map(parse_id).transpose()?;
     let limit_max = state.registry.config().list_limit_max;
     let limit = params.limit.unwrap_or(LIST_LIMIT_DEFAULT);
@@ -131,21 +127,6 @@ async fn list_agents(
         limit,
     };
     Ok(axum::Json(state.registry.list(query).await?))
-}
-
-fn parse_label_filter(raw: &str) -> Result<BTreeMap<String, String>, ApiError> {
-    let mut labels = BTreeMap::new();
-    for pair in raw.split(',') {
-        let (key, value) = pair
-            .split_once('=')
-            .ok_or_else(|| ApiError::bad_request("invalid_query", "label must be key=value[,key=value…]"))?;
-        validate_label(key, value).map_err(|e| ApiError::bad_request("invalid_query", e.to_string()))?;
-        labels.insert(key.to_string(), value.to_string());
-        if labels.len() > LABEL_FILTERS_MAX {
-            return Err(ApiError::bad_request("invalid_query", format!("at most {LABEL_FILTERS_MAX} label filters")));
-        }
-    }
-    Ok(labels)
 }
 
 async fn heartbeat(
