@@ -61,6 +61,33 @@ enum Command {
 /// Versions handed out round-robin; `^1.2` matches half of them.
 const VERSIONS: [&str; 4] = ["1.1.0", "1.2.3", "1.4.0", "2.0.1"];
 
+/// Runs `task(i)` for every `i` in `0..count`, at most `concurrency` at a time; stops at the
+/// first error.
+async fn for_each_index<F, Fut>(count: usize, concurrency: usize, task: F) -> anyhow::Result<()>
+where
+    F: Fn(usize) -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = anyhow::Result<()>> + Send,
+{
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut workers = Vec::new();
+    for _ in 0..concurrency.max(1) {
+        let (next, task) = (next.clone(), task.clone());
+        workers.push(tokio::spawn(async move {
+            loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if i >= count {
+                    return Ok::<_, anyhow::Error>(());
+                }
+                task(i).await?;
+            }
+        }));
+    }
+    for worker in workers {
+        worker.await??;
+    }
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
@@ -68,46 +95,39 @@ async fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Seed { agents, concurrency, capabilities, ids_out } => {
             let started = Instant::now();
-            let ids = Arc::new(tokio::sync::Mutex::new(Vec::with_capacity(agents)));
-            let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-            let mut workers = Vec::new();
-            for _ in 0..concurrency {
-                let (http, base, key, ids, next) =
-                    (http.clone(), cli.base.clone(), cli.key.clone(), ids.clone(), next.clone());
-                workers.push(tokio::spawn(async move {
-                    loop {
-                        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        if i >= agents {
-                            return Ok::<_, anyhow::Error>(());
-                        }
-                        let caps: Vec<Value> = (0..3)
-                            .map(|j| {
-                                json!({
-                                    "name": format!("cap.c{}", (i + j * 7) % capabilities),
-                                    "version": VERSIONS[(i / capabilities + j) % VERSIONS.len()],
-                                    "params": {"model": "m"}
-                                })
+            let ids = Arc::new(std::sync::Mutex::new(Vec::with_capacity(agents)));
+            let (base, key, sink) = (cli.base.clone(), cli.key.clone(), ids.clone());
+            for_each_index(agents, concurrency, move |i| {
+                let (http, base, key, sink) = (http.clone(), base.clone(), key.clone(), sink.clone());
+                async move {
+                    let caps: Vec<Value> = (0..3)
+                        .map(|j| {
+                            json!({
+                                "name": format!("cap.c{}", (i + j * 7) % capabilities),
+                                "version": VERSIONS[(i / capabilities + j) % VERSIONS.len()],
+                                "params": {"model": "m"}
                             })
-                            .collect();
-                        let body = json!({
-                            "name": format!("agent-{i:06}"),
-                            "endpoint": format!("http://10.{}.{}.{}:8080", i / 65536 % 256, i / 256 % 256, i % 256),
-                            "labels": {"zone": format!("z{}", i % 8), "tier": if i % 2 == 0 { "gold" } else { "silver" }},
-                            "capabilities": caps,
-                        });
-                        let response = http.post(format!("{base}/api/v1/agents")).bearer_auth(&key).json(&body).send().await?;
-                        if response.status() != 201 {
-                            bail!("create returned {}: {}", response.status(), response.text().await.unwrap_or_default());
-                        }
-                        let agent: Value = response.json().await?;
-                        ids.lock().await.push(agent["id"].as_str().context("id")?.to_string());
+                        })
+                        .collect();
+                    let body = json!({
+                        "name": format!("agent-{i:06}"),
+                        "endpoint": format!("http://10.{}.{}.{}:8080", i / 65536 % 256, i / 256 % 256, i % 256),
+                        "labels": {"zone": format!("z{}", i % 8), "tier": if i % 2 == 0 { "gold" } else { "silver" }},
+                        "capabilities": caps,
+                    });
+                    let response =
+                        http.post(format!("{base}/api/v1/agents")).bearer_auth(&key).json(&body).send().await?;
+                    if response.status() != 201 {
+                        bail!("create returned {}: {}", response.status(), response.text().await.unwrap_or_default());
                     }
-                }));
-            }
-            for worker in workers {
-                worker.await??;
-            }
-            let ids = ids.lock().await;
+                    let agent: Value = response.json().await?;
+                    let id = agent["id"].as_str().context("id")?.to_string();
+                    sink.lock().map_err(|_| anyhow::anyhow!("poisoned"))?.push(id);
+                    Ok(())
+                }
+            })
+            .await?;
+            let ids = ids.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
             std::fs::write(&ids_out, ids.join("\n") + "\n")?;
             let secs = started.elapsed().as_secs_f64();
             println!("seeded {} agents in {secs:.1} s ({:.0}/s)", ids.len(), ids.len() as f64 / secs);
@@ -116,26 +136,26 @@ async fn main() -> anyhow::Result<()> {
             let ids: Arc<Vec<String>> =
                 Arc::new(std::fs::read_to_string(ids)?.lines().filter(|l| !l.is_empty()).map(String::from).collect());
             let started = Instant::now();
-            let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-            let mut workers = Vec::new();
-            for _ in 0..concurrency {
-                let (http, base, key, ids, next) =
-                    (http.clone(), cli.base.clone(), cli.key.clone(), ids.clone(), next.clone());
-                workers.push(tokio::spawn(async move {
-                    loop {
-                        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        let Some(id) = ids.get(i) else { return Ok::<_, anyhow::Error>(()) };
-                        let body = json!({"in_flight_tasks": i % 5, "cpu_ratio": 0.5, "latency_ms": 12.0, "request_count": 10});
-                        let r = http.post(format!("{base}/api/v1/agents/{id}/heartbeat")).bearer_auth(&key).json(&body).send().await?;
-                        if r.status() != 200 {
-                            bail!("heartbeat returned {}", r.status());
-                        }
+            let (base, key, all) = (cli.base.clone(), cli.key.clone(), ids.clone());
+            for_each_index(ids.len(), concurrency, move |i| {
+                let (http, base, key, all) = (http.clone(), base.clone(), key.clone(), all.clone());
+                async move {
+                    let id = &all[i];
+                    let body =
+                        json!({"in_flight_tasks": i % 5, "cpu_ratio": 0.5, "latency_ms": 12.0, "request_count": 10});
+                    let r = http
+                        .post(format!("{base}/api/v1/agents/{id}/heartbeat"))
+                        .bearer_auth(&key)
+                        .json(&body)
+                        .send()
+                        .await?;
+                    if r.status() != 200 {
+                        bail!("heartbeat returned {}", r.status());
                     }
-                }));
-            }
-            for worker in workers {
-                worker.await??;
-            }
+                    Ok(())
+                }
+            })
+            .await?;
             println!("{} heartbeats in {:.1} s", ids.len(), started.elapsed().as_secs_f64());
         }
         Command::Query { queries, capabilities, limit } => {

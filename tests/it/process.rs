@@ -86,6 +86,12 @@ impl Process {
     }
 }
 
+/// POSTs `body` with the key and returns the JSON answer.
+async fn post_json(http: &reqwest::Client, url: &str, key: &str, body: &Value) -> Value {
+    let response = http.post(url).bearer_auth(key).json(body).send().await.expect("request");
+    response.json().await.expect("json body")
+}
+
 fn client() -> reqwest::Client {
     reqwest::Client::builder().timeout(Duration::from_secs(10)).build().expect("client")
 }
@@ -169,27 +175,16 @@ async fn the_bootstrap_key_is_printed_once_and_sigterm_flushes() {
         let first = Process::start(&db, &[]).await;
         let key = first.bootstrap_key().expect("first start prints the key");
         let http = client();
-        let agent: Value = http
-            .post(format!("{}/api/v1/agents", first.base))
-            .bearer_auth(&key)
-            .json(&json!({"name": "a"}))
-            .send()
-            .await
-            .expect("create")
-            .json()
-            .await
-            .expect("json");
+        let agent: Value =
+            post_json(&http, &format!("{}/api/v1/agents", first.base), &key, &json!({"name": "a"})).await;
         let id = agent["id"].as_str().expect("id").to_string();
-        let ack: Value = http
-            .post(format!("{}/api/v1/agents/{id}/heartbeat", first.base))
-            .bearer_auth(&key)
-            .json(&json!({"in_flight_tasks": 7}))
-            .send()
-            .await
-            .expect("heartbeat")
-            .json()
-            .await
-            .expect("json");
+        let ack: Value = post_json(
+            &http,
+            &format!("{}/api/v1/agents/{id}/heartbeat", first.base),
+            &key,
+            &json!({"in_flight_tasks": 7}),
+        )
+        .await;
         let status = first.terminate().await;
         assert!(status.success(), "{backend:?}: a clean exit on SIGTERM");
 
@@ -228,27 +223,17 @@ async fn sigkill_under_load(backend: Backend) {
     // Phase 1: heartbeats, then wait until the kernel reports nothing pending.
     let mut flushed: HashMap<String, i64> = HashMap::new();
     for i in 0..20 {
-        let agent: Value = http
-            .post(format!("{}/api/v1/agents", kernel.base))
-            .bearer_auth(&key)
-            .json(&json!({"name": format!("hb-{i}")}))
-            .send()
-            .await
-            .expect("create")
-            .json()
-            .await
-            .expect("json");
+        let agent: Value =
+            post_json(&http, &format!("{}/api/v1/agents", kernel.base), &key, &json!({"name": format!("hb-{i}")}))
+                .await;
         let id = agent["id"].as_str().expect("id").to_string();
-        let ack: Value = http
-            .post(format!("{}/api/v1/agents/{id}/heartbeat", kernel.base))
-            .bearer_auth(&key)
-            .json(&json!({"in_flight_tasks": i}))
-            .send()
-            .await
-            .expect("heartbeat")
-            .json()
-            .await
-            .expect("json");
+        let ack: Value = post_json(
+            &http,
+            &format!("{}/api/v1/agents/{id}/heartbeat", kernel.base),
+            &key,
+            &json!({"in_flight_tasks": i}),
+        )
+        .await;
         flushed.insert(id, ack["at_ms"].as_i64().expect("at"));
     }
     wait_until_flushed(&http, &kernel.base, flushed.len()).await;
