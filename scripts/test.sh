@@ -41,6 +41,7 @@ if [ -z "${NOPS_TEST_DATABASE_URL:-}" ]; then
     echo "test: no PostgreSQL found; running the SQLite half only (set NOPS_TEST_DATABASE_URL for all)" >&2
 fi
 
+scripts/build-plugins.sh
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 cargo test --workspace --locked

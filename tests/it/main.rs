@@ -9,5 +9,6 @@ mod bad_input;
 mod health;
 mod heartbeat;
 mod lifecycle;
+mod plugins;
 mod process;
 mod support;

@@ -21,6 +21,9 @@ pub enum StoreError {
     /// The store could not be reached or failed; the detail is for logs.
     #[error("{0}")]
     Backend(String),
+    /// A size or count limit was reached; nothing was written.
+    #[error("limit exceeded: {0}")]
+    LimitExceeded(String),
     /// Stored data could not be decoded.
     #[error("corrupt row: {0}")]
     Corrupt(String),
@@ -142,6 +145,28 @@ pub trait KeyStore: Send + Sync + 'static {
     async fn find_api_key(&self, hash: &[u8]) -> Result<Option<ApiKeyRecord>, StoreError>;
 }
 
+/// Key-value storage for plugins. Namespaces isolate plugins and tenants from each other;
+/// the runtime builds them, plugins never choose them.
+#[async_trait]
+pub trait PluginKv: Send + Sync + 'static {
+    /// The value under `key` in `namespace`.
+    async fn kv_get(&self, namespace: &str, key: &str) -> Result<Option<Vec<u8>>, StoreError>;
+    /// Stores `value` under `key`. Fails with [`StoreError::LimitExceeded`] when the key is
+    /// new and the namespace already holds `keys_max` keys.
+    async fn kv_set(
+        &self,
+        namespace: &str,
+        key: &str,
+        value: &[u8],
+        keys_max: u32,
+        now_ms: i64,
+    ) -> Result<(), StoreError>;
+    /// Removes `key`; true if it existed.
+    async fn kv_delete(&self, namespace: &str, key: &str) -> Result<bool, StoreError>;
+    /// Keys of `namespace` starting with `prefix`, in order, at most `limit`.
+    async fn kv_list(&self, namespace: &str, prefix: &str, limit: u32) -> Result<Vec<String>, StoreError>;
+}
+
 /// Reachability and pool usage of the store.
 #[async_trait]
 pub trait StoreHealth: Send + Sync + 'static {
@@ -154,6 +179,6 @@ pub trait StoreHealth: Send + Sync + 'static {
 }
 
 /// Everything the kernel stores.
-pub trait Store: AgentStore + KeyStore + StoreHealth {}
+pub trait Store: AgentStore + KeyStore + PluginKv + StoreHealth {}
 
-impl<T: AgentStore + KeyStore + StoreHealth> Store for T {}
+impl<T: AgentStore + KeyStore + PluginKv + StoreHealth> Store for T {}

@@ -17,7 +17,8 @@ use backon::{ExponentialBuilder, Retryable};
 use nops_core::agent::{Agent, AgentEvent, AgentEventKind, AgentId, AgentStatus, Capability, Load};
 use nops_core::auth::{ApiKeyRecord, Role};
 use nops_core::store::{
-    AgentFilter, AgentLiveSeed, AgentStore, HeartbeatRecord, KeyStore, PoolStats, StatusChange, StoreError, StoreHealth,
+    AgentFilter, AgentLiveSeed, AgentStore, HeartbeatRecord, KeyStore, PluginKv, PoolStats, StatusChange, StoreError,
+    StoreHealth,
 };
 use nops_core::tenant::TenantId;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
@@ -944,6 +945,103 @@ impl KeyStore for SqlStore {
             })
             .await?;
         row.map(ApiKeyRecord::try_from).transpose()
+    }
+}
+
+/// Escapes `%`, `_` and `\\` so a plugin's prefix matches literally in `LIKE`.
+fn like_prefix(prefix: &str) -> String {
+    let mut out = String::with_capacity(prefix.len() + 1);
+    for c in prefix.chars() {
+        if matches!(c, '%' | '_' | '\\') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out.push('%');
+    out
+}
+
+#[async_trait]
+impl PluginKv for SqlStore {
+    async fn kv_get(&self, namespace: &str, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        self.retrying("kv_get", || async {
+            with_pool!(self, read, |pool| {
+                sqlx::query_scalar::<_, Vec<u8>>("SELECT value FROM plugin_kv WHERE namespace = $1 AND key = $2")
+                    .bind(namespace)
+                    .bind(key)
+                    .fetch_optional(pool)
+                    .await
+            })
+        })
+        .await
+    }
+
+    async fn kv_set(
+        &self,
+        namespace: &str,
+        key: &str,
+        value: &[u8],
+        keys_max: u32,
+        now_ms: i64,
+    ) -> Result<(), StoreError> {
+        let written = self
+            .retrying("kv_set", || async {
+                with_pool!(self, write, |pool| {
+                    // One statement: update an existing key, or insert a new one only while
+                    // the namespace is under its key limit.
+                    sqlx::query(
+                        "INSERT INTO plugin_kv (namespace, key, value, updated_at_ms) \
+                         SELECT $1, $2, $3, $4 \
+                         WHERE EXISTS (SELECT 1 FROM plugin_kv WHERE namespace = $1 AND key = $2) \
+                            OR (SELECT COUNT(*) FROM plugin_kv WHERE namespace = $1) < $5 \
+                         ON CONFLICT (namespace, key) DO UPDATE SET value = excluded.value, updated_at_ms = excluded.updated_at_ms",
+                    )
+                    .bind(namespace)
+                    .bind(key)
+                    .bind(value)
+                    .bind(now_ms)
+                    .bind(i64::from(keys_max))
+                    .execute(pool)
+                    .await
+                    .map(|r| r.rows_affected())
+                })
+            })
+            .await?;
+        if written == 0 {
+            return Err(StoreError::LimitExceeded(format!("a plugin namespace holds at most {keys_max} keys")));
+        }
+        Ok(())
+    }
+
+    async fn kv_delete(&self, namespace: &str, key: &str) -> Result<bool, StoreError> {
+        self.retrying("kv_delete", || async {
+            with_pool!(self, write, |pool| {
+                sqlx::query("DELETE FROM plugin_kv WHERE namespace = $1 AND key = $2")
+                    .bind(namespace)
+                    .bind(key)
+                    .execute(pool)
+                    .await
+                    .map(|r| r.rows_affected() > 0)
+            })
+        })
+        .await
+    }
+
+    async fn kv_list(&self, namespace: &str, prefix: &str, limit: u32) -> Result<Vec<String>, StoreError> {
+        let pattern = like_prefix(prefix);
+        self.retrying("kv_list", || async {
+            with_pool!(self, read, |pool| {
+                sqlx::query_scalar::<_, String>(
+                    "SELECT key FROM plugin_kv WHERE namespace = $1 AND key LIKE $2 ESCAPE '\\' ORDER BY key LIMIT $3",
+                )
+                .bind(namespace)
+                .bind(&pattern)
+                .bind(i64::from(limit))
+                .fetch_all(pool)
+                .await
+            })
+        })
+        .await
     }
 }
 

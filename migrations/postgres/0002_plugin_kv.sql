@@ -1,0 +1,8 @@
+-- Key-value storage of plugins, one namespace per plugin and tenant.
+CREATE TABLE plugin_kv (
+    namespace     TEXT   NOT NULL,
+    key           TEXT   NOT NULL,
+    value         BYTEA  NOT NULL,
+    updated_at_ms BIGINT NOT NULL,
+    PRIMARY KEY (namespace, key)
+);
