@@ -431,9 +431,10 @@ impl Registry {
                     message: format!("the kernel holds at most {} agents (agents_max)", self.config.agents_max).into(),
                 });
             }
-            let status = seed.status;
-            if self.live.insert(id, LiveEntry::from_seed(seed)).is_none() {
-                self.metrics.agents.with_label_values(&[status.as_str()]).inc();
+            // Two first heartbeats may race here: the first seed wins, the second is dropped.
+            if let dashmap::Entry::Vacant(vacant) = self.live.entry(id) {
+                self.metrics.agents.with_label_values(&[seed.status.as_str()]).inc();
+                vacant.insert(LiveEntry::from_seed(seed));
             }
         }
         {
@@ -518,12 +519,12 @@ impl Registry {
         if failure.is_none() && !revivals.is_empty() {
             let _serial = self.transitions.lock().await;
             for batch in revivals.chunks(batch_max) {
-                if let Err(err) = self.store.apply_status_changes(batch).await {
-                    failure = Some((records.len(), err));
-                    break;
-                }
-                for _ in batch {
-                    self.count_transition(Some(AgentStatus::Healthy));
+                match self.store.apply_status_changes(batch).await {
+                    Ok(applied) => applied.iter().for_each(|_| self.count_transition(Some(AgentStatus::Healthy))),
+                    Err(err) => {
+                        failure = Some((records.len(), err));
+                        break;
+                    }
                 }
             }
         }
