@@ -8,7 +8,8 @@
 #      capability queries with a version requirement.
 #
 # Environment: BENCH_SECONDS (per wrk run, default 10), BENCH_ROUNDS (default 3),
-# BENCH_CONNECTIONS (default 64), BENCH_AGENTS (default 100000).
+# BENCH_CONNECTIONS (default 64), BENCH_AGENTS (default 100000), BENCH_PG_URL (also run the
+# registry figures on PostgreSQL).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -79,21 +80,44 @@ echo "heartbeats accepted: $accepted; states written to SQLite: $flushed (coales
 echo
 
 # --- 2. registry of N agents --------------------------------------------------------------
-start_kernel "$work/scale" 7433
-rss0=$(rss_kib "$kernel_pid")
-"$bin/registry-bench" --key "$key" --base http://127.0.0.1:7433 seed --agents "$agents" --concurrency 64 --ids-out "$work/scale.ids" >"$work/seed.txt"
-rss1=$(rss_kib "$kernel_pid")
-"$bin/registry-bench" --key "$key" --base http://127.0.0.1:7433 heartbeat-all --ids "$work/scale.ids" --concurrency 64 >"$work/hball.txt"
-sleep 1
-rss2=$(rss_kib "$kernel_pid")
-"$bin/registry-bench" --key "$key" --base http://127.0.0.1:7433 query --queries 2000 >"$work/query.txt"
-rss3=$(rss_kib "$kernel_pid")
-db_bytes=$(du -cb "$work/scale"/nops.db* | tail -n1 | cut -f1)
-echo "### Registry of $agents agents (SQLite)"
-echo
-echo "- $(cat "$work/seed.txt")"
-echo "- $(cat "$work/hball.txt")"
-echo "- kernel RSS: $((rss0 / 1024)) MiB at start, $((rss1 / 1024)) MiB after registration, $((rss2 / 1024)) MiB after one heartbeat each, $((rss3 / 1024)) MiB after the queries"
-echo "- RSS growth per agent (registered + heartbeat state): $(( (rss2 - rss0) * 1024 / agents )) bytes"
-echo "- database on disk: $((db_bytes / 1024 / 1024)) MiB"
-echo "- $(cat "$work/query.txt")"
+scale_run() { # $1: label, $2: port, $3: database URL (empty: SQLite in the data dir)
+    local dir="$work/scale-$2"
+    if [ -n "$3" ]; then
+        NOPS_DATABASE_URL="$3" start_kernel "$dir" "$2"
+    else
+        start_kernel "$dir" "$2"
+    fi
+    local rss0 rss1 rss2 rss3
+    rss0=$(rss_kib "$kernel_pid")
+    "$bin/registry-bench" --key "$key" --base "http://127.0.0.1:$2" seed --agents "$agents" --concurrency 64 --ids-out "$dir.ids" >"$dir.seed"
+    rss1=$(rss_kib "$kernel_pid")
+    "$bin/registry-bench" --key "$key" --base "http://127.0.0.1:$2" heartbeat-all --ids "$dir.ids" --concurrency 64 >"$dir.hball"
+    sleep 1
+    rss2=$(rss_kib "$kernel_pid")
+    "$bin/registry-bench" --key "$key" --base "http://127.0.0.1:$2" query --queries 2000 >"$dir.query"
+    rss3=$(rss_kib "$kernel_pid")
+    echo "### Registry of $agents agents ($1)"
+    echo
+    echo "- $(cat "$dir.seed")"
+    echo "- $(cat "$dir.hball")"
+    echo "- kernel RSS: $((rss0 / 1024)) MiB at start, $((rss1 / 1024)) MiB after registration, $((rss2 / 1024)) MiB after one heartbeat each, $((rss3 / 1024)) MiB after the queries"
+    echo "- RSS growth per agent (registered + heartbeat state): $(( (rss2 - rss0) * 1024 / agents )) bytes"
+    if [ -z "$3" ]; then
+        echo "- database on disk: $(( $(du -cb "$dir"/nops.db* | tail -n1 | cut -f1) / 1024 / 1024 )) MiB"
+    fi
+    echo "- $(cat "$dir.query")"
+    echo
+    kill "$kernel_pid"
+}
+
+scale_run SQLite 7433 ""
+
+# PostgreSQL, when BENCH_PG_URL names a server (e.g. postgres://postgres@127.0.0.1:5432/test):
+# a fresh database is created for the run and dropped after it.
+if [ -n "${BENCH_PG_URL:-}" ]; then
+    pg_db="nops_bench_$(date +%s)"
+    psql -q "$BENCH_PG_URL" -c "CREATE DATABASE $pg_db" >/dev/null
+    scale_run PostgreSQL 7434 "${BENCH_PG_URL%/*}/$pg_db"
+    sleep 1
+    psql -q "$BENCH_PG_URL" -c "DROP DATABASE $pg_db WITH (FORCE)" >/dev/null
+fi
