@@ -29,6 +29,16 @@ pub(crate) fn router() -> Router<AppState> {
         .route("/agent-events", get(tenant_events))
 }
 
+/// The page size a client asked for (or the default), within 1 and the configured maximum.
+fn page_limit(state: &AppState, requested: Option<u32>) -> Result<u32, ApiError> {
+    let limit_max = state.registry.config().list_limit_max;
+    let limit = requested.unwrap_or(LIST_LIMIT_DEFAULT);
+    if limit == 0 || limit > limit_max {
+        return Err(ApiError::bad_request("invalid_query", format!("limit must be between 1 and {limit_max}")));
+    }
+    Ok(limit)
+}
+
 fn parse_id(raw: &str) -> Result<AgentId, ApiError> {
     raw.parse().map_err(ApiError::from)
 }
@@ -116,11 +126,7 @@ async fn list_agents(
         .map_err(|e| ApiError::bad_request("invalid_query", e.to_string()))?;
     let labels = params.label.as_deref().map(parse_label_selector).transpose()?.unwrap_or_default();
     let after = params.after.as_deref().map(parse_id).transpose()?;
-    let limit_max = state.registry.config().list_limit_max;
-    let limit = params.limit.unwrap_or(LIST_LIMIT_DEFAULT);
-    if limit == 0 || limit > limit_max {
-        return Err(ApiError::bad_request("invalid_query", format!("limit must be between 1 and {limit_max}")));
-    }
+    let limit = page_limit(&state, params.limit)?;
     let query = AgentQuery {
         filter: AgentFilter { tenant: Some(ctx.tenant), capability: params.capability, status, labels, after },
         version,
@@ -180,11 +186,7 @@ async fn events_page(
     agent: Option<AgentId>,
     params: EventParams,
 ) -> Result<axum::Json<EventPage>, ApiError> {
-    let limit_max = state.registry.config().list_limit_max;
-    let limit = params.limit.unwrap_or(LIST_LIMIT_DEFAULT);
-    if limit == 0 || limit > limit_max {
-        return Err(ApiError::bad_request("invalid_query", format!("limit must be between 1 and {limit_max}")));
-    }
+    let limit = page_limit(&state, params.limit)?;
     let items = state.registry.events(&ctx.tenant, agent, params.after.unwrap_or(0), limit).await?;
     let next_after = (items.len() == limit as usize).then(|| items.last().map(|e| e.seq)).flatten();
     Ok(axum::Json(EventPage { items, next_after }))
