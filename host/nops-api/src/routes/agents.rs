@@ -186,7 +186,7 @@ async fn events_page(
     agent: Option<AgentId>,
     params: EventParams,
 ) -> Result<axum::Json<EventPage>, ApiError> {
-    let limit = page_limit(&state, params.limit)?;
+    let limit = page_limit(state, params.limit)?;
     let items = state.registry.events(&ctx.tenant, agent, params.after.unwrap_or(0), limit).await?;
     let next_after = (items.len() == limit as usize).then(|| items.last().map(|e| e.seq)).flatten();
     Ok(axum::Json(EventPage { items, next_after }))
