@@ -10,6 +10,7 @@ pub mod auth;
 pub mod clock;
 pub mod error;
 pub mod metrics;
+pub mod plugin;
 pub mod registry;
 pub mod store;
 pub mod tenant;

@@ -37,6 +37,26 @@ pub struct Metrics {
     pub store_pool_max: IntGauge,
     /// Authentication failures by reason.
     pub auth_failures_total: IntCounterVec,
+    /// Plugin calls by plugin (`tenant/name`), version and outcome (`ok` or a failure).
+    pub plugin_calls_total: IntCounterVec,
+    /// Plugin call latency by plugin and version, in seconds.
+    pub plugin_call_duration_seconds: HistogramVec,
+    /// Fuel burnt by contract calls, by plugin and version.
+    pub plugin_fuel_used_total: IntCounterVec,
+    /// Largest linear memory of a plugin instance, by plugin and version, in bytes.
+    pub plugin_memory_high_water_bytes: IntGaugeVec,
+    /// Calls answered by a kind's fallback (deny, built-in scoring, error result).
+    pub plugin_fallbacks_total: IntCounterVec,
+    /// Active version of each plugin (value 1).
+    pub plugin_active: IntGaugeVec,
+    /// Swaps of the active plugin set.
+    pub plugin_swaps_total: IntCounter,
+    /// Shadow calls compared, by plugin.
+    pub plugin_shadow_calls_total: IntCounterVec,
+    /// Shadow calls whose answer differed from the active version's, by plugin.
+    pub plugin_shadow_diffs_total: IntCounterVec,
+    /// Shadow calls skipped because too many were running.
+    pub plugin_shadow_skipped_total: IntCounter,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -44,6 +64,12 @@ impl std::fmt::Debug for Metrics {
         f.write_str("Metrics")
     }
 }
+
+/// Latency buckets for plugin calls, in seconds (1 µs to 10 s).
+const PLUGIN_LATENCY_BUCKETS_SECONDS: &[f64] = &[
+    0.000001, 0.0000025, 0.000005, 0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01,
+    0.025, 0.05, 0.1, 0.25, 1.0, 10.0,
+];
 
 /// Latency buckets for HTTP and store calls, in seconds (50 µs to 10 s).
 const LATENCY_BUCKETS_SECONDS: &[f64] =
@@ -90,7 +116,53 @@ impl Metrics {
         let agents = IntGaugeVec::new(Opts::new("agents", "Agents by lifecycle status"), &["status"])
             .unwrap_or_else(|e| unreachable!("static metric: {e}"));
         reg(Box::new(agents.clone()));
+        let plugin_call_duration_seconds = HistogramVec::new(
+            HistogramOpts::new("plugin_call_duration_seconds", "Plugin call latency in seconds")
+                .buckets(PLUGIN_LATENCY_BUCKETS_SECONDS.to_vec()),
+            &["plugin", "version"],
+        )
+        .unwrap_or_else(|e| unreachable!("static metric: {e}"));
+        reg(Box::new(plugin_call_duration_seconds.clone()));
+        let gauge_vec = |name: &str, help: &str, labels: &[&str]| {
+            let m = IntGaugeVec::new(Opts::new(name, help), labels)
+                .unwrap_or_else(|e| unreachable!("static metric {name}: {e}"));
+            reg(Box::new(m.clone()));
+            m
+        };
         Self {
+            plugin_calls_total: counter_vec(
+                "plugin_calls_total",
+                "Plugin calls by plugin, version and outcome",
+                &["plugin", "version", "outcome"],
+            ),
+            plugin_call_duration_seconds,
+            plugin_fuel_used_total: counter_vec(
+                "plugin_fuel_used_total",
+                "Fuel burnt by contract calls",
+                &["plugin", "version"],
+            ),
+            plugin_memory_high_water_bytes: gauge_vec(
+                "plugin_memory_high_water_bytes",
+                "Largest linear memory of a plugin instance in bytes",
+                &["plugin", "version"],
+            ),
+            plugin_fallbacks_total: counter_vec(
+                "plugin_fallbacks_total",
+                "Plugin calls answered by the kind's fallback",
+                &["plugin", "kind"],
+            ),
+            plugin_active: gauge_vec("plugin_active", "Active version of each plugin", &["plugin", "version"]),
+            plugin_swaps_total: counter("plugin_swaps_total", "Swaps of the active plugin set"),
+            plugin_shadow_calls_total: counter_vec("plugin_shadow_calls_total", "Shadow calls compared", &["plugin"]),
+            plugin_shadow_diffs_total: counter_vec(
+                "plugin_shadow_diffs_total",
+                "Shadow calls whose answer differed from the active version",
+                &["plugin"],
+            ),
+            plugin_shadow_skipped_total: counter(
+                "plugin_shadow_skipped_total",
+                "Shadow calls skipped because too many were running",
+            ),
             http_requests_total: counter_vec(
                 "http_requests_total",
                 "HTTP requests by matched route, method and status",

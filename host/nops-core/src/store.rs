@@ -9,6 +9,7 @@ use async_trait::async_trait;
 
 use crate::agent::{Agent, AgentEvent, AgentId, AgentStatus, Load};
 use crate::auth::ApiKeyRecord;
+use crate::plugin::{ChainEntry, PluginChange, PluginState, PluginVersion, ShadowDiff};
 use crate::tenant::TenantId;
 
 /// A store failure. Transient failures have already been retried by the adapter.
@@ -167,6 +168,82 @@ pub trait PluginKv: Send + Sync + 'static {
     async fn kv_list(&self, namespace: &str, prefix: &str, limit: u32) -> Result<Vec<String>, StoreError>;
 }
 
+/// An event a plugin published, written to the kernel's outbox with the call's other effects.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutboxEvent {
+    /// The tenant the plugin ran for.
+    pub tenant: TenantId,
+    /// The subject (granted to the plugin).
+    pub subject: String,
+    /// The payload.
+    pub payload: Vec<u8>,
+    /// Who published: `plugin/<name>@<version>`.
+    pub source: String,
+}
+
+/// The effects of one successful plugin call, applied in one transaction: storage writes of
+/// a contract (buffered during the call) and the events the plugin published.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PluginEffects {
+    /// Keys to set (`Some`) or delete (`None`) in the call's namespace.
+    pub writes: Vec<(String, Option<Vec<u8>>)>,
+    /// Events to append to the outbox.
+    pub events: Vec<OutboxEvent>,
+}
+
+impl PluginEffects {
+    /// True when there is nothing to write.
+    pub fn is_empty(&self) -> bool {
+        self.writes.is_empty() && self.events.is_empty()
+    }
+}
+
+/// Commits plugin effects.
+#[async_trait]
+pub trait PluginCommit: Send + Sync + 'static {
+    /// Applies `effects` in one transaction; fails with [`StoreError::LimitExceeded`] (nothing
+    /// written) when the namespace would exceed `keys_max` keys.
+    async fn commit_plugin_effects(
+        &self,
+        namespace: &str,
+        effects: &PluginEffects,
+        keys_max: u32,
+        now_ms: i64,
+    ) -> Result<(), StoreError>;
+}
+
+/// Durable storage of plugins: versions, their components and configurations (by digest),
+/// each plugin's state and hash chain, and shadow differences.
+#[async_trait]
+pub trait PluginStore: Send + Sync + 'static {
+    /// Stores a blob (a component or a configuration) under its digest; a no-op if present.
+    async fn put_plugin_blob(&self, digest: &str, bytes: &[u8]) -> Result<(), StoreError>;
+    /// The blob stored under `digest`.
+    async fn get_plugin_blob(&self, digest: &str) -> Result<Option<Vec<u8>>, StoreError>;
+    /// Applies a change in one transaction: appends its chain entry (failing with
+    /// [`StoreError::UniqueViolation`] when an entry with that `seq` exists), inserts the
+    /// version (failing with `UniqueViolation` if it exists), replaces the state, deletes the
+    /// version, and advances the kernel-wide plugin generation.
+    async fn apply_plugin_change(&self, change: &PluginChange) -> Result<(), StoreError>;
+    /// Every plugin's state, of one tenant or of all.
+    async fn list_plugin_states(&self, tenant: Option<&TenantId>) -> Result<Vec<PluginState>, StoreError>;
+    /// The state of one plugin.
+    async fn get_plugin_state(&self, tenant: &TenantId, name: &str) -> Result<Option<PluginState>, StoreError>;
+    /// The stored versions of a plugin, oldest first.
+    async fn list_plugin_versions(&self, tenant: &TenantId, name: &str) -> Result<Vec<PluginVersion>, StoreError>;
+    /// A plugin's chain, in `seq` order.
+    async fn plugin_chain(&self, tenant: &TenantId, name: &str) -> Result<Vec<ChainEntry>, StoreError>;
+    /// The (tenant, name) of every plugin that has a chain.
+    async fn list_plugin_chains(&self) -> Result<Vec<(TenantId, String)>, StoreError>;
+    /// A counter advanced by every plugin change: replicas poll it to notice changes.
+    async fn plugin_generation(&self) -> Result<i64, StoreError>;
+    /// Records a shadow difference, keeping at most `keep_max` per plugin (oldest dropped).
+    async fn insert_shadow_diff(&self, diff: &ShadowDiff, keep_max: u32) -> Result<(), StoreError>;
+    /// The latest shadow differences of a plugin, newest first.
+    async fn list_shadow_diffs(&self, tenant: &TenantId, name: &str, limit: u32)
+    -> Result<Vec<ShadowDiff>, StoreError>;
+}
+
 /// Reachability and pool usage of the store.
 #[async_trait]
 pub trait StoreHealth: Send + Sync + 'static {
@@ -179,6 +256,6 @@ pub trait StoreHealth: Send + Sync + 'static {
 }
 
 /// Everything the kernel stores.
-pub trait Store: AgentStore + KeyStore + PluginKv + StoreHealth {}
+pub trait Store: AgentStore + KeyStore + PluginKv + PluginStore + StoreHealth {}
 
-impl<T: AgentStore + KeyStore + PluginKv + StoreHealth> Store for T {}
+impl<T: AgentStore + KeyStore + PluginKv + PluginStore + StoreHealth> Store for T {}

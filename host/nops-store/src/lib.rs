@@ -16,9 +16,12 @@ use async_trait::async_trait;
 use backon::{ExponentialBuilder, Retryable};
 use nops_core::agent::{Agent, AgentEvent, AgentEventKind, AgentId, AgentStatus, Capability, Load};
 use nops_core::auth::{ApiKeyRecord, Role};
+use nops_core::plugin::{
+    ChainAction, ChainEntry, Manifest, PluginChange, PluginKind, PluginState, PluginVersion, ShadowDiff,
+};
 use nops_core::store::{
-    AgentFilter, AgentLiveSeed, AgentStore, HeartbeatRecord, KeyStore, PluginKv, PoolStats, StatusChange, StoreError,
-    StoreHealth,
+    AgentFilter, AgentLiveSeed, AgentStore, HeartbeatRecord, KeyStore, PluginKv, PluginStore, PoolStats, StatusChange,
+    StoreError, StoreHealth,
 };
 use nops_core::tenant::TenantId;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
@@ -1045,6 +1048,486 @@ impl PluginKv for SqlStore {
     }
 }
 
+fn parse_version(s: &str) -> Result<semver::Version, StoreError> {
+    semver::Version::parse(s).map_err(|e| StoreError::Corrupt(format!("invalid version {s:?}: {e}")))
+}
+
+fn parse_kind(s: &str) -> Result<PluginKind, StoreError> {
+    s.parse().map_err(|_| StoreError::Corrupt(format!("invalid plugin kind {s:?}")))
+}
+
+/// The action's serialized name: the one its entry's hash covers.
+fn action_str(action: ChainAction) -> Result<String, StoreError> {
+    match serde_json::to_value(action) {
+        Ok(serde_json::Value::String(s)) => Ok(s),
+        other => Err(StoreError::Corrupt(format!("chain action {action:?} does not serialize to a string: {other:?}"))),
+    }
+}
+
+fn parse_action(s: &str) -> Result<ChainAction, StoreError> {
+    serde_json::from_value(serde_json::Value::String(s.to_string()))
+        .map_err(|_| StoreError::Corrupt(format!("invalid chain action {s:?}")))
+}
+
+fn parse_json(what: &str, s: &str) -> Result<serde_json::Value, StoreError> {
+    serde_json::from_str(s).map_err(|e| StoreError::Corrupt(format!("{what}: {e}")))
+}
+
+/// A `plugin_versions` row.
+#[derive(sqlx::FromRow)]
+struct PluginVersionRow {
+    tenant: String,
+    name: String,
+    version: String,
+    manifest: String,
+    signed_by: Option<String>,
+    uploaded_at_ms: i64,
+    uploaded_by: String,
+}
+
+impl TryFrom<PluginVersionRow> for PluginVersion {
+    type Error = StoreError;
+
+    fn try_from(row: PluginVersionRow) -> Result<Self, StoreError> {
+        let manifest: Manifest = serde_json::from_str(&row.manifest).map_err(|e| {
+            StoreError::Corrupt(format!("manifest of {}/{}@{}: {e}", row.tenant, row.name, row.version))
+        })?;
+        if manifest.name != row.name || manifest.version != parse_version(&row.version)? {
+            return Err(StoreError::Corrupt(format!(
+                "plugin version {}/{}@{} holds the manifest of {}@{}",
+                row.tenant, row.name, row.version, manifest.name, manifest.version
+            )));
+        }
+        Ok(PluginVersion {
+            tenant: parse_tenant(&row.tenant)?,
+            manifest,
+            signed_by: row.signed_by,
+            uploaded_at_ms: row.uploaded_at_ms,
+            uploaded_by: row.uploaded_by,
+        })
+    }
+}
+
+/// A `plugin_states` row.
+#[derive(sqlx::FromRow)]
+struct PluginStateRow {
+    tenant: String,
+    name: String,
+    kind: String,
+    active: Option<String>,
+    shadow: Option<String>,
+    updated_at_ms: i64,
+}
+
+impl TryFrom<PluginStateRow> for PluginState {
+    type Error = StoreError;
+
+    fn try_from(row: PluginStateRow) -> Result<Self, StoreError> {
+        Ok(PluginState {
+            tenant: parse_tenant(&row.tenant)?,
+            name: row.name,
+            kind: parse_kind(&row.kind)?,
+            active: row.active.as_deref().map(parse_version).transpose()?,
+            shadow: row.shadow.as_deref().map(parse_version).transpose()?,
+            updated_at_ms: row.updated_at_ms,
+        })
+    }
+}
+
+/// A `plugin_chain` row.
+#[derive(sqlx::FromRow)]
+struct ChainRow {
+    tenant: String,
+    name: String,
+    seq: i64,
+    action: String,
+    version: String,
+    digest: String,
+    manifest_digest: String,
+    at_ms: i64,
+    actor: String,
+    prev_hash: String,
+    hash: String,
+}
+
+impl TryFrom<ChainRow> for ChainEntry {
+    type Error = StoreError;
+
+    fn try_from(row: ChainRow) -> Result<Self, StoreError> {
+        Ok(ChainEntry {
+            tenant: parse_tenant(&row.tenant)?,
+            name: row.name,
+            seq: row.seq,
+            action: parse_action(&row.action)?,
+            version: parse_version(&row.version)?,
+            digest: row.digest,
+            manifest_digest: row.manifest_digest,
+            at_ms: row.at_ms,
+            actor: row.actor,
+            prev_hash: row.prev_hash,
+            hash: row.hash,
+        })
+    }
+}
+
+/// A `plugin_shadow_diffs` row.
+#[derive(sqlx::FromRow)]
+struct ShadowDiffRow {
+    tenant: String,
+    name: String,
+    active: String,
+    shadow: String,
+    input: String,
+    active_output: String,
+    shadow_output: String,
+    at_ms: i64,
+}
+
+impl TryFrom<ShadowDiffRow> for ShadowDiff {
+    type Error = StoreError;
+
+    fn try_from(row: ShadowDiffRow) -> Result<Self, StoreError> {
+        Ok(ShadowDiff {
+            tenant: parse_tenant(&row.tenant)?,
+            name: row.name,
+            active: parse_version(&row.active)?,
+            shadow: parse_version(&row.shadow)?,
+            input: parse_json("shadow diff input", &row.input)?,
+            active_output: parse_json("shadow diff active output", &row.active_output)?,
+            shadow_output: parse_json("shadow diff shadow output", &row.shadow_output)?,
+            at_ms: row.at_ms,
+        })
+    }
+}
+
+const PLUGIN_VERSION_COLUMNS: &str = "tenant, name, version, manifest, signed_by, uploaded_at_ms, uploaded_by";
+const PLUGIN_STATE_COLUMNS: &str = "tenant, name, kind, active, shadow, updated_at_ms";
+const CHAIN_COLUMNS: &str =
+    "tenant, name, seq, action, version, digest, manifest_digest, at_ms, actor, prev_hash, hash";
+const SHADOW_DIFF_COLUMNS: &str = "tenant, name, active, shadow, input, active_output, shadow_output, at_ms";
+
+/// How a plugin change ended; the conflicts roll the whole change back.
+enum ChangeOutcome {
+    Applied,
+    /// The chain already has an entry with this change's `seq`.
+    SeqTaken,
+    /// The version to insert exists.
+    VersionExists,
+}
+
+#[async_trait]
+impl PluginStore for SqlStore {
+    async fn put_plugin_blob(&self, digest: &str, bytes: &[u8]) -> Result<(), StoreError> {
+        let size = i64::try_from(bytes.len()).unwrap_or(i64::MAX);
+        self.retrying("put_plugin_blob", || async {
+            with_pool!(self, write, |pool| {
+                sqlx::query(
+                    "INSERT INTO plugin_blobs (digest, bytes, size) VALUES ($1, $2, $3) ON CONFLICT (digest) DO NOTHING",
+                )
+                .bind(digest)
+                .bind(bytes)
+                .bind(size)
+                .execute(pool)
+                .await
+                .map(|_| ())
+            })
+        })
+        .await
+    }
+
+    async fn get_plugin_blob(&self, digest: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        self.retrying("get_plugin_blob", || async {
+            with_pool!(self, read, |pool| {
+                sqlx::query_scalar::<_, Vec<u8>>("SELECT bytes FROM plugin_blobs WHERE digest = $1")
+                    .bind(digest)
+                    .fetch_optional(pool)
+                    .await
+            })
+        })
+        .await
+    }
+
+    async fn apply_plugin_change(&self, change: &PluginChange) -> Result<(), StoreError> {
+        let entry = &change.entry;
+        let action = action_str(entry.action)?;
+        let entry_version = entry.version.to_string();
+        let insert = match &change.insert {
+            Some(v) => {
+                let manifest = serde_json::to_string(&v.manifest).map_err(|e| {
+                    StoreError::Corrupt(format!("manifest of {}@{}: {e}", v.manifest.name, v.manifest.version))
+                })?;
+                Some((v, v.manifest.version.to_string(), manifest))
+            }
+            None => None,
+        };
+        let state = change
+            .state
+            .as_ref()
+            .map(|s| (s, s.active.as_ref().map(ToString::to_string), s.shadow.as_ref().map(ToString::to_string)));
+        let delete = change.delete.as_ref().map(ToString::to_string);
+        let outcome = self
+            .retrying("apply_plugin_change", || async {
+                with_pool!(self, write, |pool| {
+                    let mut tx = pool.begin().await?;
+                    // DO NOTHING rather than an error: a conflict is an expected outcome (a
+                    // concurrent change won), and it leaves the transaction usable.
+                    let appended = sqlx::query(
+                        "INSERT INTO plugin_chain (tenant, name, seq, action, version, digest, manifest_digest, \
+                         at_ms, actor, prev_hash, hash) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) \
+                         ON CONFLICT (tenant, name, seq) DO NOTHING",
+                    )
+                    .bind(entry.tenant.as_str())
+                    .bind(&entry.name)
+                    .bind(entry.seq)
+                    .bind(&action)
+                    .bind(&entry_version)
+                    .bind(&entry.digest)
+                    .bind(&entry.manifest_digest)
+                    .bind(entry.at_ms)
+                    .bind(&entry.actor)
+                    .bind(&entry.prev_hash)
+                    .bind(&entry.hash)
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected();
+                    if appended == 0 {
+                        return Ok(ChangeOutcome::SeqTaken);
+                    }
+                    if let Some((version, version_str, manifest)) = &insert {
+                        let m = &version.manifest;
+                        let inserted = sqlx::query(
+                            "INSERT INTO plugin_versions (tenant, name, version, kind, digest, config_digest, manifest, \
+                             signed_by, uploaded_at_ms, uploaded_by, chain_seq) \
+                             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) \
+                             ON CONFLICT (tenant, name, version) DO NOTHING",
+                        )
+                        .bind(version.tenant.as_str())
+                        .bind(&m.name)
+                        .bind(version_str)
+                        .bind(m.kind.as_str())
+                        .bind(&m.digest)
+                        .bind(m.config_digest.as_deref())
+                        .bind(manifest)
+                        .bind(version.signed_by.as_deref())
+                        .bind(version.uploaded_at_ms)
+                        .bind(&version.uploaded_by)
+                        .bind(entry.seq)
+                        .execute(&mut *tx)
+                        .await?
+                        .rows_affected();
+                        if inserted == 0 {
+                            return Ok(ChangeOutcome::VersionExists);
+                        }
+                    }
+                    if let Some((state, active, shadow)) = &state {
+                        sqlx::query(
+                            "INSERT INTO plugin_states (tenant, name, kind, active, shadow, updated_at_ms) \
+                             VALUES ($1, $2, $3, $4, $5, $6) \
+                             ON CONFLICT (tenant, name) DO UPDATE SET kind = excluded.kind, active = excluded.active, \
+                             shadow = excluded.shadow, updated_at_ms = excluded.updated_at_ms",
+                        )
+                        .bind(state.tenant.as_str())
+                        .bind(&state.name)
+                        .bind(state.kind.as_str())
+                        .bind(active.as_deref())
+                        .bind(shadow.as_deref())
+                        .bind(state.updated_at_ms)
+                        .execute(&mut *tx)
+                        .await?;
+                    }
+                    if let Some(version) = &delete {
+                        // The blobs stay: other versions may name the same digests.
+                        sqlx::query("DELETE FROM plugin_versions WHERE tenant = $1 AND name = $2 AND version = $3")
+                            .bind(entry.tenant.as_str())
+                            .bind(&entry.name)
+                            .bind(version)
+                            .execute(&mut *tx)
+                            .await?;
+                    }
+                    sqlx::query(
+                        "INSERT INTO plugin_generation (id, generation) VALUES (1, 1) \
+                         ON CONFLICT (id) DO UPDATE SET generation = plugin_generation.generation + 1",
+                    )
+                    .execute(&mut *tx)
+                    .await?;
+                    tx.commit().await?;
+                    Ok(ChangeOutcome::Applied)
+                })
+            })
+            .await?;
+        match outcome {
+            ChangeOutcome::Applied => Ok(()),
+            ChangeOutcome::SeqTaken => Err(StoreError::UniqueViolation(format!(
+                "plugin {}/{} already has chain entry {}",
+                entry.tenant, entry.name, entry.seq
+            ))),
+            ChangeOutcome::VersionExists => {
+                let version = change.insert.as_ref().map(|v| v.manifest.version.to_string()).unwrap_or_default();
+                Err(StoreError::UniqueViolation(format!(
+                    "plugin {}/{} already has version {version}",
+                    entry.tenant, entry.name
+                )))
+            }
+        }
+    }
+
+    async fn list_plugin_states(&self, tenant: Option<&TenantId>) -> Result<Vec<PluginState>, StoreError> {
+        let sql = match tenant {
+            Some(_) => {
+                format!("SELECT {PLUGIN_STATE_COLUMNS} FROM plugin_states WHERE tenant = $1 ORDER BY tenant, name")
+            }
+            None => format!("SELECT {PLUGIN_STATE_COLUMNS} FROM plugin_states ORDER BY tenant, name"),
+        };
+        let rows = self
+            .retrying("list_plugin_states", || async {
+                with_pool!(self, read, |pool| {
+                    let q = sqlx::query_as::<_, PluginStateRow>(&sql);
+                    match tenant {
+                        Some(tenant) => q.bind(tenant.as_str()).fetch_all(pool).await,
+                        None => q.fetch_all(pool).await,
+                    }
+                })
+            })
+            .await?;
+        rows.into_iter().map(PluginState::try_from).collect()
+    }
+
+    async fn get_plugin_state(&self, tenant: &TenantId, name: &str) -> Result<Option<PluginState>, StoreError> {
+        let sql = format!("SELECT {PLUGIN_STATE_COLUMNS} FROM plugin_states WHERE tenant = $1 AND name = $2");
+        let row = self
+            .retrying("get_plugin_state", || async {
+                with_pool!(self, read, |pool| {
+                    sqlx::query_as::<_, PluginStateRow>(&sql)
+                        .bind(tenant.as_str())
+                        .bind(name)
+                        .fetch_optional(pool)
+                        .await
+                })
+            })
+            .await?;
+        row.map(PluginState::try_from).transpose()
+    }
+
+    async fn list_plugin_versions(&self, tenant: &TenantId, name: &str) -> Result<Vec<PluginVersion>, StoreError> {
+        let sql = format!(
+            "SELECT {PLUGIN_VERSION_COLUMNS} FROM plugin_versions WHERE tenant = $1 AND name = $2 \
+             ORDER BY uploaded_at_ms, chain_seq"
+        );
+        let rows = self
+            .retrying("list_plugin_versions", || async {
+                with_pool!(self, read, |pool| {
+                    sqlx::query_as::<_, PluginVersionRow>(&sql).bind(tenant.as_str()).bind(name).fetch_all(pool).await
+                })
+            })
+            .await?;
+        rows.into_iter().map(PluginVersion::try_from).collect()
+    }
+
+    async fn plugin_chain(&self, tenant: &TenantId, name: &str) -> Result<Vec<ChainEntry>, StoreError> {
+        let sql = format!("SELECT {CHAIN_COLUMNS} FROM plugin_chain WHERE tenant = $1 AND name = $2 ORDER BY seq");
+        let rows = self
+            .retrying("plugin_chain", || async {
+                with_pool!(self, read, |pool| {
+                    sqlx::query_as::<_, ChainRow>(&sql).bind(tenant.as_str()).bind(name).fetch_all(pool).await
+                })
+            })
+            .await?;
+        rows.into_iter().map(ChainEntry::try_from).collect()
+    }
+
+    async fn list_plugin_chains(&self) -> Result<Vec<(TenantId, String)>, StoreError> {
+        let rows: Vec<(String, String)> = self
+            .retrying("list_plugin_chains", || async {
+                with_pool!(self, read, |pool| {
+                    sqlx::query_as("SELECT DISTINCT tenant, name FROM plugin_chain ORDER BY tenant, name")
+                        .fetch_all(pool)
+                        .await
+                })
+            })
+            .await?;
+        rows.into_iter().map(|(tenant, name)| Ok((parse_tenant(&tenant)?, name))).collect()
+    }
+
+    async fn plugin_generation(&self) -> Result<i64, StoreError> {
+        let generation = self
+            .retrying("plugin_generation", || async {
+                with_pool!(self, read, |pool| {
+                    sqlx::query_scalar::<_, i64>("SELECT generation FROM plugin_generation WHERE id = 1")
+                        .fetch_optional(pool)
+                        .await
+                })
+            })
+            .await?;
+        Ok(generation.unwrap_or(0))
+    }
+
+    async fn insert_shadow_diff(&self, diff: &ShadowDiff, keep_max: u32) -> Result<(), StoreError> {
+        let active = diff.active.to_string();
+        let shadow = diff.shadow.to_string();
+        let input = diff.input.to_string();
+        let active_output = diff.active_output.to_string();
+        let shadow_output = diff.shadow_output.to_string();
+        self.retrying("insert_shadow_diff", || async {
+            with_pool!(self, write, |pool| {
+                let mut tx = pool.begin().await?;
+                sqlx::query(
+                    "INSERT INTO plugin_shadow_diffs (tenant, name, active, shadow, input, active_output, \
+                     shadow_output, at_ms) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+                )
+                .bind(diff.tenant.as_str())
+                .bind(&diff.name)
+                .bind(&active)
+                .bind(&shadow)
+                .bind(&input)
+                .bind(&active_output)
+                .bind(&shadow_output)
+                .bind(diff.at_ms)
+                .execute(&mut *tx)
+                .await?;
+                // Everything from the (keep_max + 1)-th newest row down; nothing when there
+                // are at most keep_max rows (the subquery is then NULL).
+                sqlx::query(
+                    "DELETE FROM plugin_shadow_diffs WHERE tenant = $1 AND name = $2 AND id <= \
+                     (SELECT id FROM plugin_shadow_diffs WHERE tenant = $1 AND name = $2 \
+                     ORDER BY id DESC LIMIT 1 OFFSET $3)",
+                )
+                .bind(diff.tenant.as_str())
+                .bind(&diff.name)
+                .bind(i64::from(keep_max))
+                .execute(&mut *tx)
+                .await?;
+                tx.commit().await
+            })
+        })
+        .await
+    }
+
+    async fn list_shadow_diffs(
+        &self,
+        tenant: &TenantId,
+        name: &str,
+        limit: u32,
+    ) -> Result<Vec<ShadowDiff>, StoreError> {
+        let sql = format!(
+            "SELECT {SHADOW_DIFF_COLUMNS} FROM plugin_shadow_diffs WHERE tenant = $1 AND name = $2 \
+             ORDER BY id DESC LIMIT $3"
+        );
+        let rows = self
+            .retrying("list_shadow_diffs", || async {
+                with_pool!(self, read, |pool| {
+                    sqlx::query_as::<_, ShadowDiffRow>(&sql)
+                        .bind(tenant.as_str())
+                        .bind(name)
+                        .bind(i64::from(limit))
+                        .fetch_all(pool)
+                        .await
+                })
+            })
+            .await?;
+        rows.into_iter().map(ShadowDiff::try_from).collect()
+    }
+}
+
 #[async_trait]
 impl StoreHealth for SqlStore {
     async fn ping(&self) -> Result<(), StoreError> {
@@ -1084,3 +1567,4 @@ mod tests {
         assert_eq!(redact_url("sqlite://.nops/nops.db"), "sqlite://.nops/nops.db");
     }
 }
+mod commit;
