@@ -32,11 +32,18 @@ pub struct HttpConfig {
     pub request_timeout_ms: u64,
     /// Longest `/ready` and `/health/extended` wait for a component.
     pub probe_timeout_ms: u64,
+    /// Largest plugin upload (component, manifest and configuration), in bytes.
+    pub upload_bytes_max: usize,
 }
 
 impl Default for HttpConfig {
     fn default() -> Self {
-        Self { body_bytes_max: 1024 * 1024, request_timeout_ms: 30_000, probe_timeout_ms: 2_000 }
+        Self {
+            body_bytes_max: 1024 * 1024,
+            request_timeout_ms: 30_000,
+            probe_timeout_ms: 2_000,
+            upload_bytes_max: nops_core::plugin::WASM_BYTES_MAX + nops_core::plugin::CONFIG_BYTES_MAX + 64 * 1024,
+        }
     }
 }
 
@@ -72,6 +79,8 @@ pub struct Services {
     pub authorizer: Arc<dyn Authorizer>,
     /// Prometheus metrics.
     pub metrics: Metrics,
+    /// The plugin lifecycle and calls (`None` when the runtime is off).
+    pub plugins: Option<Arc<nops_core::plugin::service::PluginService>>,
     /// Edge limits.
     pub http: HttpConfig,
     /// When the kernel started.
@@ -93,6 +102,7 @@ impl std::fmt::Debug for Services {
 /// The kernel's HTTP application.
 pub fn router(state: AppState) -> Router {
     let api = routes::agents::router()
+        .merge(routes::plugins::router(state.http.upload_bytes_max))
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), middleware::authenticate));
     let timeout = Duration::from_millis(state.http.request_timeout_ms);
     let body_bytes_max = state.http.body_bytes_max;

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use clap::Args;
 use nops_api::HttpConfig;
+use nops_core::plugin::{Ceilings, TrustPolicy};
 use nops_core::registry::{RegistryConfig, TtlConfig};
 use nops_store::StoreConfig;
 use serde::{Deserialize, Serialize};
@@ -72,6 +73,17 @@ pub struct ServeArgs {
 
     /// Secret mixed into API key hashes (keyed BLAKE2b), 1 to 64 bytes. Set it before the first
     /// start and never change it: existing keys stop working if it changes
+    /// Directory watched for plugins: a `<name>.toml` manifest beside its `.wasm` (and config
+    /// document) is uploaded and activated when it appears or changes
+    #[arg(long, env = "NOPS_PLUGINS_DIR", value_name = "DIR", help_heading = "Plugins")]
+    pub plugins_dir: Option<PathBuf>,
+    /// Refuse plugins whose manifest carries no valid signature by a trusted key
+    #[arg(long, env = "NOPS_PLUGINS_REQUIRE_SIGNED", value_name = "BOOL", help_heading = "Plugins")]
+    pub plugins_require_signed: Option<bool>,
+    /// Most plugin instances alive at once (each reserves address space, not memory)
+    #[arg(long, env = "NOPS_PLUGIN_INSTANCES_MAX", value_name = "N", help_heading = "Plugins")]
+    pub plugin_instances_max: Option<u32>,
+
     #[arg(long, env = "NOPS_API_KEY_PEPPER", value_name = "SECRET", hide_env_values = true, help_heading = "Auth")]
     pub api_key_pepper: Option<String>,
 }
@@ -99,6 +111,23 @@ pub struct FileConfig {
     pub lifecycle: FileLifecycle,
     pub http: FileHttp,
     pub auth: FileAuth,
+    pub plugins: FilePlugins,
+}
+
+/// The `[plugins]` section.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FilePlugins {
+    /// Directory watched for plugins.
+    pub dir: Option<PathBuf>,
+    /// Refuse unsigned plugins.
+    pub require_signed: Option<bool>,
+    /// Trusted ed25519 public keys (base64) by key id.
+    pub trusted_keys: std::collections::BTreeMap<String, String>,
+    /// What manifests may ask for.
+    pub ceilings: Option<Ceilings>,
+    /// Most plugin instances alive at once.
+    pub instances_max: Option<u32>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
@@ -146,6 +175,25 @@ pub struct Config {
     pub api_key_pepper: Option<String>,
     /// Where the file layer came from, if any.
     pub config_file: Option<PathBuf>,
+    /// Plugin settings.
+    pub plugins: PluginSettings,
+}
+
+/// Plugin settings, resolved.
+#[derive(Debug, Clone)]
+pub struct PluginSettings {
+    /// Directory watched for plugins.
+    pub dir: Option<PathBuf>,
+    /// Ceilings on manifests.
+    pub ceilings: Ceilings,
+    /// Signature policy and trusted keys.
+    pub trust: TrustPolicy,
+    /// The trusted keys as configured (base64), for `config show`.
+    pub trusted_keys: std::collections::BTreeMap<String, String>,
+    /// Where compiled components are cached.
+    pub cache_dir: PathBuf,
+    /// Most plugin instances alive at once.
+    pub instances_max: u32,
 }
 
 /// The default configuration file, read when present.
@@ -211,7 +259,24 @@ impl Config {
                 .unwrap_or(http_defaults.request_timeout_ms),
             ..http_defaults
         };
+        let require_signed = args.plugins_require_signed.or(file.plugins.require_signed).unwrap_or(false);
+        let trust = TrustPolicy::from_base64(require_signed, &file.plugins.trusted_keys)
+            .map_err(|e| anyhow::anyhow!("[plugins] trusted_keys: {e}"))?;
+        let plugins = PluginSettings {
+            dir: args.plugins_dir.clone().or(file.plugins.dir.clone()),
+            ceilings: file.plugins.ceilings.clone().unwrap_or_default(),
+            trust,
+            trusted_keys: file.plugins.trusted_keys.clone(),
+            // wasmtime's cache wants an absolute path.
+            cache_dir: std::path::absolute(data_dir.join("cache").join("wasm"))
+                .context("resolving the plugin cache directory")?,
+            instances_max: args
+                .plugin_instances_max
+                .or(file.plugins.instances_max)
+                .unwrap_or(nops_runtime::INSTANCES_MAX_DEFAULT),
+        };
         Ok(Self {
+            plugins,
             listen: args.listen.or(file.listen).unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 7420))),
             data_dir,
             log_format: args.log_format.or(file.log_format).unwrap_or(LogFormat::Json),
@@ -250,6 +315,13 @@ impl Config {
                 request_timeout_ms: Some(self.http.request_timeout_ms),
             },
             auth: FileAuth { api_key_pepper: self.api_key_pepper.as_ref().map(|_| "<redacted>".into()) },
+            plugins: FilePlugins {
+                dir: self.plugins.dir.clone(),
+                require_signed: Some(self.plugins.trust.require_signed),
+                trusted_keys: self.plugins.trusted_keys.clone(),
+                ceilings: Some(self.plugins.ceilings.clone()),
+                instances_max: Some(self.plugins.instances_max),
+            },
         };
         Ok(toml::to_string_pretty(&file)?)
     }

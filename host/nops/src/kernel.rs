@@ -9,6 +9,7 @@ use nops_api::{AppState, Services};
 use nops_core::auth::{ApiKeyAuthenticator, GeneratedKey, KeyHasher, RoleAuthorizer, ensure_bootstrap_key};
 use nops_core::clock::Clock;
 use nops_core::metrics::Metrics;
+use nops_core::plugin::service::{PluginConfig, PluginService};
 use nops_core::registry::Registry;
 use nops_core::store::Store;
 use nops_store::SqlStore;
@@ -27,6 +28,8 @@ pub struct Kernel {
     pub bootstrap_key: Option<GeneratedKey>,
     /// Agents loaded from the store at start.
     pub agents_loaded: usize,
+    /// The plugin lifecycle.
+    pub plugins: Arc<PluginService>,
 }
 
 impl std::fmt::Debug for Kernel {
@@ -54,16 +57,36 @@ impl Kernel {
                 .map_err(|e| anyhow::anyhow!("{e}"))?,
         );
         let agents_loaded = registry.load().await.context("loading the agent registry")?;
+        let runtime = nops_runtime::Runtime::new(
+            &nops_runtime::RuntimeConfig {
+                cache_dir: Some(config.plugins.cache_dir.clone()),
+                instances_max: config.plugins.instances_max,
+                ..nops_runtime::RuntimeConfig::default()
+            },
+            Arc::new(sql.clone()),
+            Arc::new(sql.clone()),
+        )
+        .map_err(|e| anyhow::anyhow!("starting the plugin runtime: {e:#}"))?;
+        let plugins = Arc::new(PluginService::new(
+            store.clone(),
+            Arc::new(runtime),
+            clock.clone(),
+            metrics.clone(),
+            PluginConfig { ceilings: config.plugins.ceilings.clone(), trust: config.plugins.trust.clone() },
+        ));
+        plugins.verify_chains().await.map_err(|e| anyhow::anyhow!("plugin provenance check failed: {e}"))?;
+        plugins.sync().await.context("loading the active plugins")?;
         let state = AppState::new(Services {
             registry: registry.clone(),
             store: store.clone(),
             authenticator: Arc::new(ApiKeyAuthenticator::new(store, hasher, clock)),
             authorizer: Arc::new(RoleAuthorizer),
             metrics,
+            plugins: Some(plugins.clone()),
             http: config.http.clone(),
             started_at,
         });
-        Ok(Self { state, registry, store: sql, bootstrap_key, agents_loaded })
+        Ok(Self { state, registry, store: sql, bootstrap_key, agents_loaded, plugins })
     }
 
     /// The HTTP application.

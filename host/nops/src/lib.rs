@@ -4,3 +4,4 @@
 
 pub mod config;
 pub mod kernel;
+pub mod plugins_dir;

@@ -1,5 +1,6 @@
 //! `nops`: the NOPS kernel's command-line interface.
 
+mod plugins_cli;
 mod serve;
 
 use clap::{Parser, Subcommand};
@@ -31,6 +32,13 @@ enum Command {
     /// Inspect the configuration
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// Manage plugins: upload, activate, roll back, shadow, delete, export chains, sign
+    Plugins {
+        #[command(flatten)]
+        remote: plugins_cli::Remote,
+        #[command(subcommand)]
+        command: plugins_cli::PluginCommand,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -46,6 +54,7 @@ fn main() -> std::process::ExitCode {
         Command::Config(ConfigCommand::Show(args)) => {
             Config::resolve(&args).and_then(|c| c.to_toml()).map(|text| print!("{text}"))
         }
+        Command::Plugins { remote, command } => plugins_cli::run(remote, command),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -53,5 +62,17 @@ fn main() -> std::process::ExitCode {
             eprintln!("nops: error: {err:#}");
             std::process::ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_command_line_is_well_formed() {
+        // Catches clashing argument names (e.g. a positional `version` against `--version`),
+        // which clap otherwise reports only when that subcommand is run.
+        super::Cli::command().debug_assert();
     }
 }

@@ -41,6 +41,11 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         .with_context(|| format!("listening on {}", config.listen))?;
     let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
     let background = tokio::spawn(kernel.registry.clone().run_background(shutdown_rx));
+    let plugin_sync = tokio::spawn(kernel.plugins.clone().run_sync());
+    let plugin_dir = config.plugins.dir.clone().map(|dir| {
+        tracing::info!(dir = %dir.display(), "watching the plugins directory");
+        tokio::spawn(nops::plugins_dir::watch(dir, kernel.plugins.clone()))
+    });
     tracing::info!(
         listen = %listener.local_addr().unwrap_or(config.listen),
         backend = kernel.store.backend(),
@@ -51,6 +56,10 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     axum::serve(listener, kernel.router()).with_graceful_shutdown(shutdown_signal()).await.context("serving HTTP")?;
     tracing::info!("shutting down: flushing heartbeats");
     let _ = shutdown_tx.send(true);
+    plugin_sync.abort();
+    if let Some(task) = plugin_dir {
+        task.abort();
+    }
     if let Err(err) = background.await {
         tracing::error!(error = %err, "background task failed");
     }

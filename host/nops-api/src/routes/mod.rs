@@ -2,6 +2,7 @@
 
 pub(crate) mod agents;
 pub(crate) mod health;
+pub(crate) mod plugins;
 
 use http::StatusCode;
 
