@@ -9,6 +9,8 @@ mod bad_input;
 mod health;
 mod heartbeat;
 mod lifecycle;
+mod plugin_api;
+mod plugin_store;
 mod plugins;
 mod process;
 mod support;

@@ -321,3 +321,115 @@ async fn wait_until_flushed(http: &reqwest::Client, base: &str, count: usize) {
     }
     panic!("heartbeats were never flushed");
 }
+
+/// Polls `GET url` until `done` accepts the JSON answer.
+async fn wait_for(http: &reqwest::Client, url: &str, key: &str, what: &str, done: impl Fn(&Value) -> bool) -> Value {
+    let mut last = Value::Null;
+    for _ in 0..300 {
+        if let Ok(response) = http.get(url).bearer_auth(key).send().await {
+            last = response.json().await.unwrap_or(Value::Null);
+            if done(&last) {
+                return last;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("{what}: last answer {last}");
+}
+
+/// Runs the `nops` CLI against a kernel and returns its stdout as JSON.
+fn cli(base: &str, key: &str, args: &[&str]) -> Value {
+    let out = std::process::Command::new(NOPS)
+        .arg("plugins")
+        .args(args)
+        .env("NOPS_URL", base)
+        .env("NOPS_API_KEY", key)
+        .output()
+        .expect("run nops plugins");
+    assert!(out.status.success(), "nops plugins {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
+}
+
+#[tokio::test]
+async fn the_reference_plugins_hot_load_from_the_plugins_directory_and_the_cli_drives_them() {
+    let db = TestDb::new(Backend::Sqlite).await;
+    let dir = db.dir.path().join("plugins");
+    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/../..");
+    let staged = std::process::Command::new(format!("{root}/scripts/stage-plugins.sh"))
+        .arg(&dir)
+        .output()
+        .expect("stage the reference plugins");
+    assert!(staged.status.success(), "{}", String::from_utf8_lossy(&staged.stderr));
+    let kernel = Process::start(&db, &[("NOPS_PLUGINS_DIR", dir.to_str().expect("utf-8"))]).await;
+    let key = kernel.bootstrap_key().expect("bootstrap key");
+    let http = client();
+    let list_url = format!("{}/api/v1/plugins", kernel.base);
+    let names =
+        ["abac", "contract-spend-limit", "migration-agent-labels", "scorer-weighted", "scorer-weighted-js", "tool-kv"];
+    let list = wait_for(&http, &list_url, &key, "every reference plugin active", |v| {
+        v["plugins"].as_array().is_some_and(|p| p.len() == names.len() && p.iter().all(|p| p["active"] == "0.1.0"))
+    })
+    .await;
+    let mut listed: Vec<&str> =
+        list["plugins"].as_array().expect("plugins").iter().filter_map(|p| p["name"].as_str()).collect();
+    listed.sort_unstable();
+    assert_eq!(listed, names);
+
+    // Each kind answers through the real server.
+    let cross_tenant = json!({ "authorize": { "action": "agents:read",
+        "principal": [ { "name": "role", "value": "operator" }, { "name": "tenant", "value": "acme" } ],
+        "resource": [ { "name": "tenant", "value": "globex" } ] } });
+    let answer = cli(&kernel.base, &key, &["invoke", "abac", &cross_tenant.to_string()]);
+    assert_eq!(answer["output"]["decision"]["allow"], false, "{answer}");
+    let spend =
+        |amount: i64| json!({ "govern": { "kind": "spend", "attributes": [ { "name": "amount", "value": amount } ] } });
+    let first = cli(&kernel.base, &key, &["invoke", "contract-spend-limit", &spend(600).to_string()]);
+    assert_eq!(first["output"]["verdict"]["accept"], true, "{first}");
+    let second = cli(&kernel.base, &key, &["invoke", "contract-spend-limit", &spend(600).to_string()]);
+    assert_eq!(second["output"]["verdict"]["accept"], false, "the limit of 1000 holds across calls: {second}");
+    let described = cli(&kernel.base, &key, &["invoke", "tool-kv", r#"{"describe": null}"#]);
+    assert_eq!(described["output"]["description"]["name"], "kv", "{described}");
+
+    // A new version dropped into the directory is verified, stored and activated.
+    let manifest_path = dir.join("abac.toml");
+    let manifest = std::fs::read_to_string(&manifest_path).expect("manifest");
+    std::fs::write(dir.join("deny-all.json"), br#"{"version": 1, "rules": []}"#).expect("config");
+    let config_digest = nops_core::plugin::digest(br#"{"version": 1, "rules": []}"#);
+    let next: String = manifest
+        .lines()
+        .map(|l| match l {
+            l if l.starts_with("version = ") => "version = \"0.2.0\"".to_string(),
+            l if l.starts_with("config = ") => "config = \"deny-all.json\"".to_string(),
+            l if l.starts_with("config_digest = ") => format!("config_digest = \"{config_digest}\""),
+            l => l.to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    std::fs::write(&manifest_path, next).expect("new manifest");
+    let abac_url = format!("{}/api/v1/plugins/abac", kernel.base);
+    wait_for(&http, &abac_url, &key, "0.2.0 hot-loaded", |v| v["active"] == "0.2.0").await;
+    let same_tenant = json!({ "authorize": { "action": "agents:read",
+        "principal": [ { "name": "role", "value": "admin" }, { "name": "tenant", "value": "acme" } ],
+        "resource": [ { "name": "tenant", "value": "acme" } ] } });
+    let answer = cli(&kernel.base, &key, &["invoke", "abac", &same_tenant.to_string()]);
+    assert_eq!((answer["version"].as_str(), &answer["output"]["decision"]["allow"]), (Some("0.2.0"), &json!(false)));
+
+    // The CLI rolls back, and the chain records every step.
+    let rolled = cli(&kernel.base, &key, &["rollback", "abac"]);
+    assert_eq!(rolled["active"], "0.1.0", "{rolled}");
+    let chain = cli(&kernel.base, &key, &["chain", "abac"]);
+    let actions: Vec<&str> =
+        chain["entries"].as_array().expect("entries").iter().filter_map(|e| e["action"].as_str()).collect();
+    assert_eq!(actions, ["upload", "activate", "upload", "activate", "rollback"]);
+
+    // Compiled code is cached on disk for the next start.
+    let cached = walk_files(&db.dir.path().join("cache").join("wasm"));
+    assert!(cached > 0, "the compilation cache holds the compiled components");
+    assert!(kernel.terminate().await.success());
+}
+
+fn walk_files(dir: &std::path::Path) -> usize {
+    std::fs::read_dir(dir).map_or(0, |entries| {
+        entries.filter_map(Result::ok).map(|e| if e.path().is_dir() { walk_files(&e.path()) } else { 1 }).sum()
+    })
+}

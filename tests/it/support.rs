@@ -116,6 +116,8 @@ pub fn test_args(url: &str) -> ServeArgs {
         stale_after_ms: Some(10_000),
         zombie_after_ms: Some(20_000),
         remove_after_ms: Some(60_000),
+        // Each kernel's runtime reserves address space per instance slot; tests need few.
+        plugin_instances_max: Some(16),
         ..ServeArgs::default()
     }
 }
