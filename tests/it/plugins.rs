@@ -204,13 +204,14 @@ async fn the_javascript_scorer_returns_the_rust_scorers_scores_bit_for_bit() {
     let candidates = tricky_candidates();
 
     // Default weights (nothing stored for this tenant).
-    let from_rust = scores(&rust, "acme", &candidates).await;
-    let from_js = scores(&js, "acme", &candidates).await;
+    let from_rust = scores(&rust, "initech", &candidates).await;
+    let from_js = scores(&js, "initech", &candidates).await;
     let want: Vec<f32> = candidates.iter().map(|c| expected_score(c, DEFAULT_WEIGHTS)).collect();
     assert_eq!(bits(&from_rust), bits(&want), "rust: {from_rust:?} want {want:?}");
     assert_eq!(bits(&from_js), bits(&from_rust), "js {from_js:?} rust {from_rust:?}");
 
-    // Weights stored for tenant acme, in each plugin's own namespace.
+    // Weights stored for tenant acme, in each plugin's own namespace (written straight to the
+    // store, as another kernel would; acme's weights were never read, so nothing is cached).
     let weights = [0.05, 0.15, 0.7, 0.1];
     for name in ["scorer-weighted", "scorer-weighted-js"] {
         k.kernel

@@ -177,6 +177,43 @@ impl Default for RuntimeConfig {
     }
 }
 
+/// Longest a plugin storage read is served from the runtime's cache, in milliseconds. Writes
+/// through this kernel invalidate at once; a write through another kernel on the same database
+/// is seen within this time.
+pub const STORAGE_READ_CACHE_MS: u64 = 1_000;
+/// Most entries the storage read cache holds; it is emptied when full.
+pub const STORAGE_READ_CACHE_ENTRIES_MAX: usize = 10_000;
+
+/// Recent plugin storage reads, shared by every plugin of a runtime: a scorer that reads its
+/// weights on every call must not pay a database round trip each time. Contracts never read
+/// through it, so their verdicts always see committed state.
+#[derive(Default)]
+struct ReadCache {
+    /// (namespace, key) → (value, when it was read).
+    entries: dashmap::DashMap<(String, String), CachedRead>,
+}
+
+/// A value read from plugin storage (`None`: the key was absent) and when.
+type CachedRead = (Option<Vec<u8>>, Instant);
+
+impl ReadCache {
+    fn get(&self, namespace: &str, key: &str) -> Option<Option<Vec<u8>>> {
+        let entry = self.entries.get(&(namespace.to_string(), key.to_string()))?;
+        (entry.1.elapsed() < Duration::from_millis(STORAGE_READ_CACHE_MS)).then(|| entry.0.clone())
+    }
+
+    fn put(&self, namespace: &str, key: &str, value: Option<Vec<u8>>) {
+        if self.entries.len() >= STORAGE_READ_CACHE_ENTRIES_MAX {
+            self.entries.clear();
+        }
+        self.entries.insert((namespace.to_string(), key.to_string()), (value, Instant::now()));
+    }
+
+    fn invalidate(&self, namespace: &str, key: &str) {
+        self.entries.remove(&(namespace.to_string(), key.to_string()));
+    }
+}
+
 /// What a store needs that does not change between calls of one plugin version.
 struct Shared {
     /// `plugin/<name>@<version>`, the source of published events.
@@ -185,6 +222,7 @@ struct Shared {
     spec: LoadSpec,
     kv: Arc<dyn PluginKv>,
     commit: Arc<dyn PluginCommit>,
+    reads: Arc<ReadCache>,
 }
 
 /// The per-call state a guest reaches through its imports.
@@ -242,10 +280,19 @@ impl host::config::Host for HostState {
 impl host::storage::Host for HostState {
     async fn get(&mut self, key: String) -> Result<Option<Vec<u8>>, HostError> {
         self.check_key(&key)?;
-        if let Some(buffered) = self.writes.as_ref().and_then(|w| w.get(&key)) {
-            return Ok(buffered.clone());
+        if let Some(writes) = &self.writes {
+            // A contract: its own buffered writes, else committed state, never the cache.
+            if let Some(buffered) = writes.get(&key) {
+                return Ok(buffered.clone());
+            }
+            return self.shared.kv.kv_get(&self.namespace, &key).await.map_err(storage_error);
         }
-        self.shared.kv.kv_get(&self.namespace, &key).await.map_err(storage_error)
+        if let Some(cached) = self.shared.reads.get(&self.namespace, &key) {
+            return Ok(cached);
+        }
+        let value = self.shared.kv.kv_get(&self.namespace, &key).await.map_err(storage_error)?;
+        self.shared.reads.put(&self.namespace, &key, value.clone());
+        Ok(value)
     }
 
     async fn set(&mut self, key: String, value: Vec<u8>) -> Result<(), HostError> {
@@ -260,7 +307,10 @@ impl host::storage::Host for HostState {
             writes.insert(key, Some(value));
             return Ok(());
         }
-        self.shared.kv.kv_set(&self.namespace, &key, &value, STORAGE_KEYS_MAX, now_ms()).await.map_err(storage_error)
+        self.shared.reads.invalidate(&self.namespace, &key);
+        let result = self.shared.kv.kv_set(&self.namespace, &key, &value, STORAGE_KEYS_MAX, now_ms()).await;
+        self.shared.reads.invalidate(&self.namespace, &key);
+        result.map_err(storage_error)
     }
 
     async fn delete(&mut self, key: String) -> Result<bool, HostError> {
@@ -277,7 +327,10 @@ impl host::storage::Host for HostState {
             writes.insert(key, None);
             return Ok(existed);
         }
-        self.shared.kv.kv_delete(&self.namespace, &key).await.map_err(storage_error)
+        self.shared.reads.invalidate(&self.namespace, &key);
+        let result = self.shared.kv.kv_delete(&self.namespace, &key).await;
+        self.shared.reads.invalidate(&self.namespace, &key);
+        result.map_err(storage_error)
     }
 
     async fn list_keys(&mut self, prefix: String, limit: u32) -> Result<Vec<String>, HostError> {
@@ -464,6 +517,7 @@ pub struct Runtime {
     metered_linkers: Linkers,
     kv: Arc<dyn PluginKv>,
     commit: Arc<dyn PluginCommit>,
+    reads: Arc<ReadCache>,
     warm_total: Arc<AtomicUsize>,
     /// Warm stores kept across the whole runtime: half the instance slots, so calls that find
     /// no warm store can still instantiate.
@@ -536,6 +590,7 @@ impl Runtime {
             metered_linkers,
             kv,
             commit,
+            reads: Arc::new(ReadCache::default()),
             warm_total: Arc::new(AtomicUsize::new(0)),
             warm_total_max: instances_max as usize / 2,
             warm_per_tenant_max: config.warm_per_tenant_max,
@@ -574,6 +629,7 @@ impl Runtime {
             spec,
             kv: self.kv.clone(),
             commit: self.commit.clone(),
+            reads: self.reads.clone(),
         });
         Ok(WasmPlugin {
             shared,
@@ -763,12 +819,15 @@ impl WasmPlugin {
                 if effects.is_empty() {
                     Ok(output)
                 } else {
-                    match self
+                    let committed = self
                         .shared
                         .commit
                         .commit_plugin_effects(&state.namespace, &effects, STORAGE_KEYS_MAX, now_ms())
-                        .await
-                    {
+                        .await;
+                    for (key, _) in &effects.writes {
+                        self.shared.reads.invalidate(&state.namespace, key);
+                    }
+                    match committed {
                         Ok(()) => Ok(output),
                         Err(StoreError::LimitExceeded(message)) => Err(CallError::Guest(message)),
                         Err(err) => {

@@ -34,6 +34,8 @@ use crate::{CoreError, CoreResult};
 pub const SYNC_INTERVAL_MS: u64 = 250;
 /// Loaded (compiled, pre-instantiated) versions kept in memory beyond the active ones.
 pub const LOADED_VERSIONS_MAX: usize = 64;
+/// Most plugins one tenant may have.
+pub const PLUGINS_PER_TENANT_MAX: usize = 256;
 /// Shadow differences kept per plugin.
 pub const SHADOW_DIFFS_MAX: u32 = 1_000;
 /// Shadow calls running at once; beyond it a call is not shadowed (and counted).
@@ -369,6 +371,13 @@ impl PluginService {
                 code: "version_exists",
                 message: format!("version {} of `{}` exists; versions are immutable", manifest.version, manifest.name)
                     .into(),
+            });
+        }
+        if versions.is_empty()
+            && self.store.list_plugin_states(Some(tenant)).await.map_err(unavailable)?.len() >= PLUGINS_PER_TENANT_MAX
+        {
+            return Err(CoreError::LimitExceeded {
+                message: format!("at most {PLUGINS_PER_TENANT_MAX} plugins per tenant").into(),
             });
         }
         if versions.len() >= VERSIONS_PER_PLUGIN_MAX {
