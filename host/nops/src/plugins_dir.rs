@@ -70,7 +70,17 @@ pub async fn watch(dir: PathBuf, plugins: Arc<PluginService>) {
                 }
                 Ok(None) => {}
                 Err(err) => {
-                    tracing::error!(manifest = %path.display(), error = %err, "plugin in the plugins directory refused")
+                    let transient = err.downcast_ref::<CoreError>().is_some_and(|e| {
+                        matches!(e, CoreError::Store(_) | CoreError::Conflict { code: "concurrent_change", .. })
+                    });
+                    if transient {
+                        // The store was unavailable or busy: try again at the next scan.
+                        settled.remove(&path);
+                        seen.remove(&path);
+                        tracing::warn!(manifest = %path.display(), error = %err, "plugin not loaded yet; retrying");
+                    } else {
+                        tracing::error!(manifest = %path.display(), error = %err, "plugin in the plugins directory refused");
+                    }
                 }
             }
         }
