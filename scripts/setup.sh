@@ -15,3 +15,17 @@ if [ "$(printf '%s\n%s\n' "$required" "$have" | sort -V | head -n1)" != "$requir
     exit 1
 fi
 cargo fetch --locked >/dev/null
+
+# Python tools for the tests (requirements-dev.txt) in .venv; reinstalled only when the
+# requirements change (the stamp holds their hash).
+if command -v python3 >/dev/null 2>&1; then
+    stamp=.venv/.requirements-dev.sha256
+    want=$(sha256sum requirements-dev.txt | awk '{print $1}')
+    if [ ! -x .venv/bin/python ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+        python3 -m venv .venv
+        .venv/bin/python -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
+        echo "$want" >"$stamp"
+    fi
+else
+    echo "setup: python3 not found; the tests that need requirements-dev.txt will skip (and fail under CI=true)" >&2
+fi

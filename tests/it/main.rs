@@ -5,12 +5,17 @@
 //! `CI=true`). Tests in `process` run the real `nops` binary.
 
 mod agents;
+mod attacks;
 mod bad_input;
+mod hardening;
 mod health;
 mod heartbeat;
+mod identity;
 mod lifecycle;
+mod openapi;
 mod plugin_api;
 mod plugin_store;
 mod plugins;
 mod process;
+mod ratelimit;
 mod support;

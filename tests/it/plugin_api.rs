@@ -16,12 +16,12 @@ use serde_json::{Value, json};
 
 use crate::support::{Backend, TestDb, TestKernel, backends, test_args};
 
-fn wasm(name: &str) -> Vec<u8> {
+pub(crate) fn wasm(name: &str) -> Vec<u8> {
     let path = format!("{}/../../target/wasm/wasm32-wasip2/release/{name}.wasm", env!("CARGO_MANIFEST_DIR"));
     std::fs::read(&path).unwrap_or_else(|e| panic!("{path}: {e}; build the plugins with scripts/build-plugins.sh"))
 }
 
-fn policy_document(name: &str) -> Vec<u8> {
+pub(crate) fn policy_document(name: &str) -> Vec<u8> {
     let path = format!("{}/../../policies/{name}", env!("CARGO_MANIFEST_DIR"));
     std::fs::read(&path).unwrap_or_else(|e| panic!("{path}: {e}"))
 }
@@ -29,7 +29,13 @@ fn policy_document(name: &str) -> Vec<u8> {
 /// A rule document that permits nothing: every decision is a deny.
 const DENY_ALL: &[u8] = br#"{"version": 1, "rules": []}"#;
 
-fn manifest(name: &str, version: &str, kind: PluginKind, component: &[u8], config: Option<&[u8]>) -> Manifest {
+pub(crate) fn manifest(
+    name: &str,
+    version: &str,
+    kind: PluginKind,
+    component: &[u8],
+    config: Option<&[u8]>,
+) -> Manifest {
     Manifest {
         name: name.into(),
         version: version.parse().expect("version"),
@@ -66,7 +72,7 @@ fn upload_request(k: &TestKernel, query: &str, parts: &[(&str, &[u8])]) -> Reque
         .expect("request")
 }
 
-async fn upload(
+pub(crate) async fn upload(
     k: &TestKernel,
     m: &Manifest,
     component: &[u8],

@@ -12,19 +12,19 @@ use tokio::process::{Child, Command};
 
 use crate::support::{Backend, TestDb, backends};
 
-const NOPS: &str = env!("CARGO_BIN_EXE_nops");
+pub(crate) const NOPS: &str = env!("CARGO_BIN_EXE_nops");
 /// How long a test waits for a kernel to start serving.
 const START_WAIT_MS_MAX: u64 = 30_000;
 
 /// A running `nops serve` process and what it printed.
-struct Process {
+pub(crate) struct Process {
     child: Child,
-    stderr: Arc<Mutex<String>>,
-    base: String,
+    pub(crate) stderr: Arc<Mutex<String>>,
+    pub(crate) base: String,
 }
 
 impl Process {
-    async fn start(db: &TestDb, extra_env: &[(&str, &str)]) -> Self {
+    pub(crate) async fn start(db: &TestDb, extra_env: &[(&str, &str)]) -> Self {
         let mut cmd = Command::new(NOPS);
         cmd.arg("serve")
             .current_dir(db.dir.path())
@@ -65,7 +65,7 @@ impl Process {
         Self { child, stderr, base: format!("http://{addr}") }
     }
 
-    fn bootstrap_key(&self) -> Option<String> {
+    pub(crate) fn bootstrap_key(&self) -> Option<String> {
         let text = self.stderr.lock().expect("lock");
         text.lines()
             .map(str::trim)

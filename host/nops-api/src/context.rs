@@ -18,6 +18,8 @@ pub struct RequestContext {
     /// The tenant the request acts in: the `X-Nops-Tenant` header, else the principal's own
     /// tenant, else `default`.
     pub tenant: TenantId,
+    /// What the policy asked of the response, e.g. `("mask", "labels.secret")`.
+    pub obligations: Vec<(String, String)>,
 }
 
 impl<S: Send + Sync> FromRequestParts<S> for RequestContext {

@@ -94,3 +94,19 @@ impl<S: Send + Sync, T: DeserializeOwned + Send> FromRequestParts<S> for Path<T>
 fn path_rejection(rejection: PathRejection) -> ApiError {
     ApiError::bad_request("invalid_path", truncate(&rejection.body_text(), 300))
 }
+
+/// An optional JSON body: `None` when the request has no body and no content type (e.g.
+/// `POST …/rotate` with nothing to say); otherwise as [`Json`].
+impl<S: Send + Sync, T: DeserializeOwned> axum::extract::OptionalFromRequest<S> for Json<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Option<Self>, Self::Rejection> {
+        let empty_length = req.headers().get(http::header::CONTENT_LENGTH).is_none_or(|v| v.as_bytes() == b"0");
+        let no_type = !req.headers().contains_key(http::header::CONTENT_TYPE);
+        let no_transfer = !req.headers().contains_key(http::header::TRANSFER_ENCODING);
+        if empty_length && no_type && no_transfer {
+            return Ok(None);
+        }
+        <Self as FromRequest<S>>::from_request(req, state).await.map(Some)
+    }
+}

@@ -5,23 +5,32 @@
 //! headers, tracing, metrics, limits, the JSON error envelope, authentication and
 //! authorization). This crate knows HTTP and JSON; it never knows SQL or WebAssembly.
 
+mod access;
 mod context;
 mod error;
 mod extract;
+mod hardening;
 mod middleware;
+mod openapi;
+mod ratelimit;
 mod routes;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::Router;
-use nops_core::auth::{Authenticator, Authorizer};
+use nops_core::auth::Authenticator;
+use nops_core::authz::Authorizer;
+use nops_core::clock::Clock;
 use nops_core::metrics::Metrics;
 use nops_core::registry::Registry;
 use nops_core::store::Store;
 
+pub use access::AccessTable;
 pub use context::RequestContext;
 pub use error::{ApiError, ErrorBody};
+pub use hardening::connection_refusal;
+pub use ratelimit::{LimiterSlot, OnStoreError, RateLimitConfig, RateQuota};
 
 /// Limits of the HTTP edge.
 #[derive(Debug, Clone)]
@@ -34,6 +43,21 @@ pub struct HttpConfig {
     pub probe_timeout_ms: u64,
     /// Largest plugin upload (component, manifest and configuration), in bytes.
     pub upload_bytes_max: usize,
+    /// Largest total of request header bytes (`name: value\r\n` each); more is 431.
+    pub headers_bytes_max: usize,
+    /// Deepest nesting of arrays and objects in a JSON body; deeper is 400 `json_too_deep`.
+    pub json_depth_max: usize,
+    /// Longest a client may take to send a request's headers (also how long an idle
+    /// keep-alive connection stays open); a slower client is disconnected.
+    pub header_read_timeout_ms: u64,
+    /// Most open client connections; past it a new connection is answered 503 and closed.
+    pub connections_max: usize,
+    /// Most requests served at once; past it a request is answered 503 `overloaded`.
+    pub in_flight_max: usize,
+    /// Rate limits per credential, tenant and route.
+    pub rate_limits: RateLimitConfig,
+    /// The in-process rate limiter state (a clone starts empty).
+    pub limiter: LimiterSlot,
 }
 
 impl Default for HttpConfig {
@@ -43,6 +67,13 @@ impl Default for HttpConfig {
             request_timeout_ms: 30_000,
             probe_timeout_ms: 2_000,
             upload_bytes_max: nops_core::plugin::WASM_BYTES_MAX + nops_core::plugin::CONFIG_BYTES_MAX + 64 * 1024,
+            headers_bytes_max: 32 * 1024,
+            json_depth_max: 32,
+            header_read_timeout_ms: 30_000,
+            connections_max: 8_192,
+            in_flight_max: 2_048,
+            rate_limits: RateLimitConfig::default(),
+            limiter: LimiterSlot::default(),
         }
     }
 }
@@ -77,6 +108,12 @@ pub struct Services {
     pub authenticator: Arc<dyn Authenticator>,
     /// What they may do.
     pub authorizer: Arc<dyn Authorizer>,
+    /// API key management.
+    pub keys: Arc<nops_core::auth::keys::KeyService>,
+    /// The scope each endpoint requires.
+    pub access: AccessTable,
+    /// Time, for access requests and key management.
+    pub clock: Arc<dyn Clock>,
     /// Prometheus metrics.
     pub metrics: Metrics,
     /// The plugin lifecycle and calls (`None` when the runtime is off).
@@ -99,16 +136,22 @@ impl std::fmt::Debug for Services {
     }
 }
 
-/// The kernel's HTTP application.
+/// The scope every `/api/v1` endpoint requires, read from the OpenAPI document: each
+/// operation's `security(("bearer" = ["<scope>"]))` annotation is the scope the middleware
+/// enforces (one source of truth; an operation without exactly one scope is refused).
+pub fn access_table() -> AccessTable {
+    AccessTable::new(openapi::scopes())
+}
+
+/// The kernel's HTTP application: the routes of [`openapi::assemble`] (the same registration
+/// that produces `/openapi.json`), `/api/v1` behind authentication.
 pub fn router(state: AppState) -> Router {
-    let api = routes::agents::router()
-        .merge(routes::plugins::router(state.http.upload_bytes_max))
-        .route_layer(axum::middleware::from_fn_with_state(state.clone(), middleware::authenticate));
+    let (app, _document) = openapi::assemble(state.http.upload_bytes_max, |api| {
+        api.route_layer(axum::middleware::from_fn_with_state(state.clone(), middleware::authenticate))
+    });
     let timeout = Duration::from_millis(state.http.request_timeout_ms);
     let body_bytes_max = state.http.body_bytes_max;
-    let router = Router::new()
-        .merge(routes::health::router())
-        .nest("/api/v1", api)
+    let router = app
         .fallback(routes::not_found)
         .method_not_allowed_fallback(routes::method_not_allowed)
         .with_state(state.clone());

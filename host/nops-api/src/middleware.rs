@@ -8,7 +8,8 @@ use axum::middleware::{Next, from_fn, from_fn_with_state};
 use axum::response::{IntoResponse, Response};
 use http::{HeaderName, HeaderValue, Method, StatusCode, header};
 use nops_core::CoreError;
-use nops_core::auth::Action;
+use nops_core::authz::AccessCheck;
+use nops_core::plugin::call::{Attribute, Value};
 use nops_core::tenant::TenantId;
 use tower::ServiceBuilder;
 use tower_http::catch_panic::CatchPanicLayer;
@@ -26,7 +27,7 @@ pub const REQUEST_ID_HEADER: HeaderName = HeaderName::from_static("x-request-id"
 const REQUEST_ID_BYTES_MAX: usize = 128;
 
 /// Security headers set on every response (unless a handler set them).
-const SECURITY_HEADERS: &[(&str, &str)] = &[
+pub(crate) const SECURITY_HEADERS: &[(&str, &str)] = &[
     ("x-content-type-options", "nosniff"),
     ("x-frame-options", "DENY"),
     ("referrer-policy", "no-referrer"),
@@ -35,14 +36,33 @@ const SECURITY_HEADERS: &[(&str, &str)] = &[
     ("cross-origin-resource-policy", "same-origin"),
     ("permissions-policy", "()"),
     ("cache-control", "no-store"),
+    ("strict-transport-security", "max-age=63072000; includeSubDomains"),
 ];
 
-/// Wraps `router` in the layer stack shared by every route (outermost first below).
+/// Wraps `router` in the layer stack shared by every route (outermost first below). The rate
+/// limits themselves run in [`authenticate`], once the caller is known.
 pub(crate) fn wrap(router: axum::Router, state: AppState, timeout: Duration, body_bytes_max: usize) -> axum::Router {
+    if state.http.rate_limits.enabled {
+        // Start the limiters now rather than on the first request.
+        crate::ratelimit::LimiterSlot::get(&state);
+    }
+    let in_flight = std::sync::Arc::new(tokio::sync::Semaphore::new(state.http.in_flight_max.max(1)));
+    let limits = crate::hardening::Limits {
+        headers_bytes_max: state.http.headers_bytes_max,
+        json_depth_max: state.http.json_depth_max,
+        body_bytes_max,
+    };
     router.layer(
         ServiceBuilder::new()
-            .layer(SetSensitiveRequestHeadersLayer::new([header::AUTHORIZATION, header::COOKIE]))
+            .layer(SetSensitiveRequestHeadersLayer::new([
+                header::AUTHORIZATION,
+                header::PROXY_AUTHORIZATION,
+                header::COOKIE,
+                HeaderName::from_static("x-api-key"),
+            ]))
+            .layer(from_fn(crate::hardening::strip_identifying_headers))
             .layer(from_fn(edge))
+            .layer(from_fn(crate::ratelimit::refusal_headers))
             .layer(
                 TraceLayer::new_for_http()
                     .make_span_with(|req: &Request| {
@@ -61,8 +81,10 @@ pub(crate) fn wrap(router: axum::Router, state: AppState, timeout: Duration, bod
                     .on_failure(()),
             )
             .layer(from_fn_with_state(state, track_metrics))
+            .layer(from_fn_with_state(in_flight, crate::hardening::limit_in_flight))
             .layer(CatchPanicLayer::custom(|_panic| ApiError::internal("handler panicked").into_response()))
             .layer(TimeoutLayer::with_status_code(StatusCode::REQUEST_TIMEOUT, timeout))
+            .layer(from_fn_with_state(limits, crate::hardening::guard))
             .layer(axum::extract::DefaultBodyLimit::max(body_bytes_max)),
     )
 }
@@ -173,8 +195,9 @@ fn method_label(method: &Method) -> &'static str {
     }
 }
 
-/// Authenticates the bearer credential, resolves the tenant, authorizes the action, and puts
-/// the [`RequestContext`] in the request's extensions.
+/// Authenticates the bearer credential, resolves the tenant, checks the credential's scopes
+/// against the endpoint's, asks the authorizer, and puts the [`RequestContext`] in the
+/// request's extensions.
 pub(crate) async fn authenticate(
     State(state): State<AppState>,
     mut req: Request,
@@ -187,13 +210,18 @@ pub(crate) async fn authenticate(
         .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
         .map(str::trim);
     let Some(bearer) = bearer.filter(|b| !b.is_empty()) else {
-        state.metrics.auth_failures_total.with_label_values(&["missing"]).inc();
-        return Err(ApiError::unauthenticated("missing bearer credential (Authorization: Bearer <key>)"));
+        state.metrics.auth_total.with_label_values(&["unknown", "failure", "missing"]).inc();
+        return Err(ApiError::unauthenticated("missing bearer credential (Authorization: Bearer <credential>)"));
     };
+    let method_label = credential_method(bearer);
     let principal = match state.authenticator.authenticate(bearer).await {
-        Ok(principal) => principal,
+        Ok(principal) => {
+            state.metrics.auth_total.with_label_values(&[principal.method.as_str(), "success", "ok"]).inc();
+            principal
+        }
         Err(CoreError::Unauthenticated { reason }) => {
-            state.metrics.auth_failures_total.with_label_values(&[reason]).inc();
+            state.metrics.auth_total.with_label_values(&[method_label, "failure", reason]).inc();
+            tracing::info!(target: "nops::audit", event = "auth.failure", method = method_label, reason, "authentication failed");
             return Err(ApiError::unauthenticated("invalid, expired or revoked credential"));
         }
         Err(other) => return Err(other.into()),
@@ -206,8 +234,74 @@ pub(crate) async fn authenticate(
             .ok_or_else(|| ApiError::bad_request("invalid_tenant", "X-Nops-Tenant must be a valid tenant id"))?,
         None => principal.tenant.clone().unwrap_or_else(TenantId::default_tenant),
     };
-    let action = if matches!(*req.method(), Method::GET | Method::HEAD) { Action::Read } else { Action::Write };
-    state.authorizer.authorize(&principal, action, &tenant)?;
-    req.extensions_mut().insert(RequestContext { principal, tenant });
-    Ok(next.run(req).await)
+    let route = req.extensions().get::<MatchedPath>().map(|p| p.as_str().to_owned()).unwrap_or_default();
+    let Some(action) = state.access.required(req.method(), &route) else {
+        tracing::error!(route, method = %req.method(), "endpoint declares no scope: refused");
+        state.metrics.authz_decisions_total.with_label_values(&["deny", "undeclared"]).inc();
+        return Err(ApiError::new(StatusCode::FORBIDDEN, "forbidden", "not allowed"));
+    };
+    if !principal.scopes.covers(action) {
+        state.metrics.authz_decisions_total.with_label_values(&["deny", "scope"]).inc();
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "insufficient_scope",
+            format!("this endpoint requires the scope `{action}`"),
+        ));
+    }
+    let rate = crate::ratelimit::check(&state, &principal, &tenant, &route, req.method()).await?;
+    let resource = resource_attributes(&req, &route);
+    let source = req.extensions().get::<axum::extract::ConnectInfo<std::net::SocketAddr>>().map(|c| c.0.ip());
+    let decision = state
+        .authorizer
+        .authorize(&AccessCheck {
+            principal: &principal,
+            action,
+            tenant: &tenant,
+            resource,
+            source,
+            now_ms: state.clock.now_ms(),
+        })
+        .await;
+    if !decision.allow {
+        return Err(ApiError::new(StatusCode::FORBIDDEN, "forbidden", "not allowed"));
+    }
+    req.extensions_mut().insert(RequestContext { principal, tenant, obligations: decision.obligations });
+    let mut response = next.run(req).await;
+    rate.set_headers(response.headers_mut());
+    Ok(response)
+}
+
+/// The method a credential looks like, for failure metrics.
+fn credential_method(bearer: &str) -> &'static str {
+    if bearer.starts_with(nops_core::auth::API_KEY_PREFIX) {
+        "api_key"
+    } else if bearer.bytes().filter(|b| *b == b'.').count() == 2 {
+        "jwt"
+    } else {
+        "unknown"
+    }
+}
+
+/// The resource's attributes from the route: `kind` (the first segment after `/api/v1/`) and
+/// `id` (the `{id}` or `{name}` path parameter).
+fn resource_attributes(req: &Request, route: &str) -> Vec<Attribute> {
+    let mut out = Vec::with_capacity(2);
+    let rest = route.strip_prefix("/api/v1/").unwrap_or(route);
+    let kind = rest.split('/').next().unwrap_or_default();
+    if !kind.is_empty() {
+        out.push(Attribute { name: "kind".into(), value: Value::Text(kind.to_string()) });
+    }
+    let route_segments: Vec<&str> = route.split('/').collect();
+    // Inside the nested `/api/v1` router the URI has lost its prefix; the original has not.
+    let path = req.extensions().get::<axum::extract::OriginalUri>().map_or_else(|| req.uri().path(), |u| u.0.path());
+    let path_segments: Vec<&str> = path.split('/').collect();
+    if route_segments.len() == path_segments.len() {
+        for (pattern, actual) in route_segments.iter().zip(&path_segments) {
+            if matches!(*pattern, "{id}" | "{name}") {
+                out.push(Attribute { name: "id".into(), value: Value::Text((*actual).to_string()) });
+                break;
+            }
+        }
+    }
+    out
 }

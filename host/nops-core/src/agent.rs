@@ -32,8 +32,9 @@ pub const TELEMETRY_ENTRIES_MAX: usize = 32;
 pub const TELEMETRY_KEY_BYTES_MAX: usize = 63;
 
 /// An agent's id: a UUIDv7, so ids sort by creation time.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(transparent)]
+#[schema(value_type = String, format = Uuid, example = "01a228a3-2abf-74fc-ac42-0a493533179a")]
 pub struct AgentId(pub Uuid);
 
 impl AgentId {
@@ -67,7 +68,7 @@ impl fmt::Display for AgentId {
 ///
 /// `healthy` → `stale` → `zombie` → removed, driven by the time since the last heartbeat (or
 /// since registration, for an agent that never sent one). A heartbeat makes it `healthy` again.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum AgentStatus {
     /// Heard from within the stale threshold.
@@ -106,15 +107,17 @@ impl FromStr for AgentStatus {
 }
 
 /// A typed, versioned capability an agent provides, e.g. `inference.llm` `1.4.0`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Capability {
     /// Dotted name: lowercase segments of letters, digits, `-` and `_`, e.g. `inference.llm`.
     pub name: String,
     /// The version the agent implements.
+    #[schema(value_type = String, example = "1.4.0")]
     pub version: semver::Version,
     /// Parameters of this capability (a JSON object), e.g. `{"model": "llama-3-8b"}`.
     #[serde(default = "empty_object")]
+    #[schema(value_type = Object)]
     pub params: serde_json::Value,
 }
 
@@ -158,7 +161,7 @@ pub fn validate_capability_name(name: &str) -> CoreResult<()> {
 }
 
 /// The load and telemetry an agent reports with a heartbeat.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Load {
     /// Tasks the agent is running now.
@@ -219,11 +222,12 @@ impl Load {
 }
 
 /// A registered agent as stored and shown.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Agent {
     /// Unique id, assigned by the kernel.
     pub id: AgentId,
     /// The tenant that owns the agent.
+    #[schema(value_type = String, example = "default")]
     pub tenant: TenantId,
     /// Name, unique within the tenant.
     pub name: String,
@@ -255,7 +259,7 @@ impl Agent {
 }
 
 /// What a client sends to register an agent.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NewAgent {
     /// Name, unique within the tenant.
@@ -272,7 +276,7 @@ pub struct NewAgent {
 }
 
 /// A partial update: fields that are present replace the stored ones.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AgentPatch {
     /// New name.
@@ -280,6 +284,7 @@ pub struct AgentPatch {
     pub name: Option<String>,
     /// New endpoint; `null` removes it.
     #[serde(default, deserialize_with = "double_option")]
+    #[schema(value_type = Option<String>)]
     pub endpoint: Option<Option<String>>,
     /// New labels (replace all).
     #[serde(default)]
@@ -390,11 +395,12 @@ pub fn parse_label_selector(raw: &str) -> CoreResult<BTreeMap<String, String>> {
 }
 
 /// A record of something that happened to an agent, readable by operators.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct AgentEvent {
     /// Monotonic id assigned by the store (0 before it is stored).
     pub seq: i64,
     /// The agent's tenant.
+    #[schema(value_type = String, example = "default")]
     pub tenant: TenantId,
     /// The agent.
     pub agent_id: AgentId,
@@ -409,7 +415,7 @@ pub struct AgentEvent {
 }
 
 /// The kinds of [`AgentEvent`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum AgentEventKind {
     /// Created through the API.

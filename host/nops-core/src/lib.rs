@@ -7,6 +7,7 @@
 
 pub mod agent;
 pub mod auth;
+pub mod authz;
 pub mod clock;
 pub mod error;
 pub mod metrics;

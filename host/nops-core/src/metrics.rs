@@ -35,8 +35,20 @@ pub struct Metrics {
     pub store_pool_idle: IntGauge,
     /// Configured maximum of store connections.
     pub store_pool_max: IntGauge,
-    /// Authentication failures by reason.
-    pub auth_failures_total: IntCounterVec,
+    /// Authentication attempts by method (`api_key`, `jwt`, `workload`, `unknown`), outcome
+    /// (`success`, `failure`) and reason (`ok` on success).
+    pub auth_total: IntCounterVec,
+    /// Authorization decisions by decision (`allow`, `deny`) and source (`plugins`, `builtin`,
+    /// `scope` for a credential whose scopes do not cover the endpoint).
+    pub authz_decisions_total: IntCounterVec,
+    /// API keys neither revoked nor expired (as of the last key change or scrape refresh).
+    pub api_keys_active: IntGauge,
+    /// API key rotations.
+    pub api_key_rotations_total: IntCounter,
+    /// API key events by kind (`created`, `rotated`, `revoked`).
+    pub api_key_events_total: IntCounterVec,
+    /// Requests refused by a rate limit, by limit (`key`, `tenant`, `route`).
+    pub rate_limited_total: IntCounterVec,
     /// Plugin calls by plugin (`tenant/name`), version and outcome (`ok` or a failure).
     pub plugin_calls_total: IntCounterVec,
     /// Plugin call latency by plugin and version, in seconds.
@@ -187,7 +199,20 @@ impl Metrics {
             store_pool_connections: gauge("store_pool_connections", "Open store connections"),
             store_pool_idle: gauge("store_pool_idle_connections", "Idle store connections"),
             store_pool_max: gauge("store_pool_max_connections", "Configured maximum of store connections"),
-            auth_failures_total: counter_vec("auth_failures_total", "Authentication failures by reason", &["reason"]),
+            auth_total: counter_vec(
+                "auth_total",
+                "Authentication attempts by method, outcome and reason",
+                &["method", "outcome", "reason"],
+            ),
+            authz_decisions_total: counter_vec(
+                "authz_decisions_total",
+                "Authorization decisions by decision and source",
+                &["decision", "source"],
+            ),
+            api_keys_active: gauge("api_keys_active", "API keys neither revoked nor expired"),
+            api_key_rotations_total: counter("api_key_rotations_total", "API key rotations"),
+            api_key_events_total: counter_vec("api_key_events_total", "API key events by kind", &["event"]),
+            rate_limited_total: counter_vec("rate_limited_total", "Requests refused by a rate limit", &["limit"]),
             registry,
         }
     }

@@ -42,7 +42,7 @@ pub const SIGNATURE_DOMAIN: &str = "nops-plugin-signature-v1\n";
 pub const CHAIN_GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 
 /// What a plugin does: one WIT world each.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum PluginKind {
     /// Ranks candidate agents for a task.
@@ -91,7 +91,7 @@ impl FromStr for PluginKind {
 
 /// What a plugin asks to reach. Everything is off unless asked for; the operator's ceilings
 /// ([`GrantCeilings`]) decide what may be asked.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Grants {
     /// Key-value storage in the plugin's namespace (per plugin and tenant).
@@ -111,7 +111,7 @@ pub struct Grants {
 }
 
 /// The limits a plugin runs under, within the operator's ceilings.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Limits {
     /// Largest linear memory, in bytes.
@@ -142,7 +142,7 @@ impl Default for Limits {
 
 /// An ed25519 signature of a manifest. Both fields are required: a manifest with a partial
 /// signature does not parse, so no missing field can make verification skip.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ManifestSignature {
     /// Which trusted key signed (a name from the operator's `trusted_keys`).
@@ -152,12 +152,13 @@ pub struct ManifestSignature {
 }
 
 /// The manifest that travels beside a `.wasm`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Manifest {
     /// The plugin's name, unique within its tenant.
     pub name: String,
     /// Its semantic version.
+    #[schema(value_type = String, example = "1.2.0")]
     pub version: semver::Version,
     /// Its kind: the WIT world the component must implement.
     pub kind: PluginKind,
@@ -520,9 +521,10 @@ fn pattern_within(inner: &str, outer: &str) -> bool {
 }
 
 /// One stored version of a plugin.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct PluginVersion {
     /// The tenant that owns the plugin.
+    #[schema(value_type = String, example = "default")]
     pub tenant: TenantId,
     /// The manifest, as uploaded.
     pub manifest: Manifest,
@@ -535,24 +537,27 @@ pub struct PluginVersion {
 }
 
 /// The current state of a plugin: which version runs, which runs in shadow.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct PluginState {
     /// The tenant that owns the plugin.
+    #[schema(value_type = String, example = "default")]
     pub tenant: TenantId,
     /// The plugin's name.
     pub name: String,
     /// Its kind (the same for every version).
     pub kind: PluginKind,
     /// The version serving calls.
+    #[schema(value_type = Option<String>, example = "1.2.0")]
     pub active: Option<semver::Version>,
     /// A staged version run beside the active one, its differences recorded.
+    #[schema(value_type = Option<String>, example = "1.2.0")]
     pub shadow: Option<semver::Version>,
     /// When this state was set (ms since the Unix epoch).
     pub updated_at_ms: i64,
 }
 
 /// What a chain entry records.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum ChainAction {
     /// A version was uploaded.
@@ -573,9 +578,10 @@ pub enum ChainAction {
 
 /// One link of a plugin's hash chain. `hash` is BLAKE2b-256 over `prev_hash` and the JSON of
 /// every other field, so changing, removing or reordering any entry breaks every later link.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ChainEntry {
     /// The tenant that owns the plugin.
+    #[schema(value_type = String, example = "default")]
     pub tenant: TenantId,
     /// The plugin's name.
     pub name: String,
@@ -584,6 +590,7 @@ pub struct ChainEntry {
     /// What happened.
     pub action: ChainAction,
     /// The version concerned.
+    #[schema(value_type = String, example = "1.2.0")]
     pub version: semver::Version,
     /// The component's digest.
     pub digest: String,
@@ -764,15 +771,18 @@ pub struct PluginChange {
 }
 
 /// One recorded difference between the active and the shadow version of a plugin.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ShadowDiff {
     /// The tenant that owns the plugin.
+    #[schema(value_type = String, example = "default")]
     pub tenant: TenantId,
     /// The plugin.
     pub name: String,
     /// The active version.
+    #[schema(value_type = String, example = "1.2.0")]
     pub active: semver::Version,
     /// The shadow version.
+    #[schema(value_type = String, example = "1.2.0")]
     pub shadow: semver::Version,
     /// What was asked (JSON).
     pub input: serde_json::Value,

@@ -156,7 +156,7 @@ pub struct AgentQuery {
 }
 
 /// One page of agents.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct AgentPage {
     /// The agents, ordered by id.
     pub items: Vec<Agent>,
@@ -165,7 +165,7 @@ pub struct AgentPage {
 }
 
 /// What a heartbeat returns to the agent.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct HeartbeatAck {
     /// The agent's status after this heartbeat (always `healthy`).
     pub status: AgentStatus,
@@ -176,7 +176,7 @@ pub struct HeartbeatAck {
 }
 
 /// The state of the background work, for `/health/extended`.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct RegistryHealth {
     /// Agents in the live table.
     pub agents: usize,

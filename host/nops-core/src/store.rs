@@ -11,6 +11,7 @@ use crate::agent::{Agent, AgentEvent, AgentId, AgentStatus, Load};
 use crate::auth::ApiKeyRecord;
 use crate::plugin::{ChainEntry, PluginChange, PluginState, PluginVersion, ShadowDiff};
 use crate::tenant::TenantId;
+use uuid::Uuid;
 
 /// A store failure. Transient failures have already been retried by the adapter.
 #[derive(Debug, thiserror::Error)]
@@ -25,6 +26,10 @@ pub enum StoreError {
     /// A size or count limit was reached; nothing was written.
     #[error("limit exceeded: {0}")]
     LimitExceeded(String),
+    /// The row changed under the caller (e.g. a key rotated or revoked meanwhile); nothing was
+    /// written.
+    #[error("conflict: {0}")]
+    Conflict(String),
     /// Stored data could not be decoded.
     #[error("corrupt row: {0}")]
     Corrupt(String),
@@ -144,6 +149,43 @@ pub trait KeyStore: Send + Sync + 'static {
     async fn insert_bootstrap_key(&self, record: &ApiKeyRecord) -> Result<bool, StoreError>;
     /// The key with this hash.
     async fn find_api_key(&self, hash: &[u8]) -> Result<Option<ApiKeyRecord>, StoreError>;
+    /// The key with this id.
+    async fn get_api_key(&self, id: Uuid) -> Result<Option<ApiKeyRecord>, StoreError>;
+    /// Keys of `tenant` (every key when `None`), by id, after `after`, at most `limit`.
+    async fn list_api_keys(
+        &self,
+        tenant: Option<&TenantId>,
+        after: Option<Uuid>,
+        limit: u32,
+    ) -> Result<Vec<ApiKeyRecord>, StoreError>;
+    /// Inserts a key and its event in one transaction. Fails with
+    /// [`StoreError::LimitExceeded`] when the key's tenant (or the kernel, for tenantless keys)
+    /// already holds `keys_max` keys that are neither revoked nor expired at `now_ms`.
+    async fn insert_api_key(
+        &self,
+        record: &ApiKeyRecord,
+        event: &OutboxEvent,
+        keys_max: u32,
+        now_ms: i64,
+    ) -> Result<(), StoreError>;
+    /// Rotates `old` to `next` in one transaction: inserts `next`, marks `old` replaced by it
+    /// and sets its expiry to `old_expires_at_ms`, and writes `event`. Fails with
+    /// [`StoreError::Conflict`] when `old` is revoked or already rotated (so two concurrent
+    /// rotations cannot both succeed).
+    async fn rotate_api_key(
+        &self,
+        old: Uuid,
+        old_expires_at_ms: i64,
+        next: &ApiKeyRecord,
+        event: &OutboxEvent,
+    ) -> Result<(), StoreError>;
+    /// Revokes a key and writes `event` in one transaction; false when it was already revoked
+    /// (nothing is written then).
+    async fn revoke_api_key(&self, id: Uuid, at_ms: i64, event: &OutboxEvent) -> Result<bool, StoreError>;
+    /// Keys neither revoked nor expired at `now_ms`, across tenants.
+    async fn live_api_key_count(&self, now_ms: i64) -> Result<u64, StoreError>;
+    /// Records when keys were last used.
+    async fn touch_api_keys(&self, used: &[(Uuid, i64)]) -> Result<(), StoreError>;
 }
 
 /// Key-value storage for plugins. Namespaces isolate plugins and tenants from each other;
@@ -255,7 +297,40 @@ pub trait StoreHealth: Send + Sync + 'static {
     fn pool_stats(&self) -> PoolStats;
 }
 
-/// Everything the kernel stores.
-pub trait Store: AgentStore + KeyStore + PluginKv + PluginStore + StoreHealth {}
+/// The answer of one GCRA check ([`RateLimitStore::gcra_check`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GcraOutcome {
+    /// The request may proceed (and was counted).
+    pub allowed: bool,
+    /// Requests that would still be allowed right now, after this one.
+    pub remaining: u32,
+    /// When refused: how long until one more request would be allowed, in ms (0 when
+    /// allowed). An upper bound, exact to within one emission interval.
+    pub retry_after_ms: i64,
+    /// How long until the whole burst is available again, in ms.
+    pub reset_ms: i64,
+}
 
-impl<T: AgentStore + KeyStore + PluginKv + PluginStore + StoreHealth> Store for T {}
+/// Rate limits shared by every kernel on one database: the generic cell rate algorithm (GCRA),
+/// one theoretical arrival time (TAT) per key, decided and advanced in one atomic statement.
+#[async_trait]
+pub trait RateLimitStore: Send + Sync + 'static {
+    /// Counts one request against `key`, whose budget is `burst` requests at once, refilled
+    /// by one every `emission_interval_ms`, at `now_ms` (ms since the Unix epoch, the same
+    /// time base on every replica). A refused request changes nothing.
+    async fn gcra_check(
+        &self,
+        key: &str,
+        emission_interval_ms: i64,
+        burst: u32,
+        now_ms: i64,
+    ) -> Result<GcraOutcome, StoreError>;
+    /// Deletes the keys whose TAT lies before `now_ms`: they are indistinguishable from keys
+    /// never seen. Returns how many were deleted.
+    async fn gcra_purge_expired(&self, now_ms: i64) -> Result<u64, StoreError>;
+}
+
+/// Everything the kernel stores.
+pub trait Store: AgentStore + KeyStore + PluginKv + PluginStore + StoreHealth + RateLimitStore {}
+
+impl<T: AgentStore + KeyStore + PluginKv + PluginStore + StoreHealth + RateLimitStore> Store for T {}

@@ -15,13 +15,13 @@ use std::time::Duration;
 use async_trait::async_trait;
 use backon::{ExponentialBuilder, Retryable};
 use nops_core::agent::{Agent, AgentEvent, AgentEventKind, AgentId, AgentStatus, Capability, Load};
-use nops_core::auth::{ApiKeyRecord, Role};
+use nops_core::auth::{ApiKeyRecord, Role, Scopes};
 use nops_core::plugin::{
     ChainAction, ChainEntry, Manifest, PluginChange, PluginKind, PluginState, PluginVersion, ShadowDiff,
 };
 use nops_core::store::{
-    AgentFilter, AgentLiveSeed, AgentStore, HeartbeatRecord, KeyStore, PluginKv, PluginStore, PoolStats, StatusChange,
-    StoreError, StoreHealth,
+    AgentFilter, AgentLiveSeed, AgentStore, HeartbeatRecord, KeyStore, OutboxEvent, PluginKv, PluginStore, PoolStats,
+    StatusChange, StoreError, StoreHealth,
 };
 use nops_core::tenant::TenantId;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
@@ -397,10 +397,18 @@ struct KeyRow {
     hash: Vec<u8>,
     tenant: Option<String>,
     role: String,
+    subject: Option<String>,
+    scopes: String,
     created_at_ms: i64,
     expires_at_ms: Option<i64>,
     revoked_at_ms: Option<i64>,
+    last_used_at_ms: Option<i64>,
+    replaced_by: Option<Uuid>,
+    replaces: Option<Uuid>,
 }
+
+const KEY_COLUMNS: &str = "id, name, hash, tenant, role, subject, scopes, created_at_ms, expires_at_ms, \
+                           revoked_at_ms, last_used_at_ms, replaced_by, replaces";
 
 impl TryFrom<KeyRow> for ApiKeyRecord {
     type Error = StoreError;
@@ -412,11 +420,57 @@ impl TryFrom<KeyRow> for ApiKeyRecord {
             hash: row.hash,
             tenant: row.tenant.as_deref().map(parse_tenant).transpose()?,
             role: Role::parse(&row.role).ok_or_else(|| StoreError::Corrupt(format!("unknown role {}", row.role)))?,
+            subject: row.subject,
+            scopes: Scopes::parse_list(&row.scopes).map_err(|e| StoreError::Corrupt(format!("key scopes: {e}")))?,
             created_at_ms: row.created_at_ms,
             expires_at_ms: row.expires_at_ms,
             revoked_at_ms: row.revoked_at_ms,
+            last_used_at_ms: row.last_used_at_ms,
+            replaced_by: row.replaced_by,
+            replaces: row.replaces,
         })
     }
+}
+
+/// Inserts a key row through an executor (a macro because `with_pool!` hands out a different
+/// pool type per database).
+macro_rules! insert_key_row {
+    ($executor:expr, $record:expr) => {
+        sqlx::query(
+            "INSERT INTO api_keys (id, name, hash, tenant, role, subject, scopes, created_at_ms, \
+             expires_at_ms, revoked_at_ms, last_used_at_ms, replaced_by, replaces) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
+        )
+        .bind($record.id)
+        .bind(&$record.name)
+        .bind(&$record.hash)
+        .bind($record.tenant.as_ref().map(TenantId::as_str))
+        .bind($record.role.as_str())
+        .bind($record.subject.as_deref())
+        .bind($record.scopes.to_list())
+        .bind($record.created_at_ms)
+        .bind($record.expires_at_ms)
+        .bind($record.revoked_at_ms)
+        .bind($record.last_used_at_ms)
+        .bind($record.replaced_by)
+        .bind($record.replaces)
+        .execute($executor)
+        .await
+    };
+}
+
+/// Writes one outbox row inside a transaction.
+macro_rules! insert_outbox {
+    ($tx:expr, $event:expr, $now_ms:expr) => {
+        sqlx::query("INSERT INTO outbox (tenant, subject, payload, source, created_at_ms) VALUES ($1, $2, $3, $4, $5)")
+            .bind($event.tenant.as_str())
+            .bind(&$event.subject)
+            .bind(&$event.payload)
+            .bind(&$event.source)
+            .bind($now_ms)
+            .execute(&mut *$tx)
+            .await
+    };
 }
 
 fn parse_tenant(s: &str) -> Result<TenantId, StoreError> {
@@ -912,20 +966,7 @@ impl KeyStore for SqlStore {
                 if claimed == 0 {
                     return Ok(false);
                 }
-                sqlx::query(
-                    "INSERT INTO api_keys (id, name, hash, tenant, role, created_at_ms, expires_at_ms, revoked_at_ms) \
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
-                )
-                .bind(record.id)
-                .bind(&record.name)
-                .bind(&record.hash)
-                .bind(record.tenant.as_ref().map(TenantId::as_str))
-                .bind(record.role.as_str())
-                .bind(record.created_at_ms)
-                .bind(record.expires_at_ms)
-                .bind(record.revoked_at_ms)
-                .execute(&mut *tx)
-                .await?;
+                insert_key_row!(&mut *tx, record)?;
                 tx.commit().await?;
                 Ok(true)
             })
@@ -934,20 +975,194 @@ impl KeyStore for SqlStore {
     }
 
     async fn find_api_key(&self, hash: &[u8]) -> Result<Option<ApiKeyRecord>, StoreError> {
+        let sql = format!("SELECT {KEY_COLUMNS} FROM api_keys WHERE hash = $1");
         let row = self
             .retrying("find_api_key", || async {
                 with_pool!(self, read, |pool| {
-                    sqlx::query_as::<_, KeyRow>(
-                        "SELECT id, name, hash, tenant, role, created_at_ms, expires_at_ms, revoked_at_ms \
-                         FROM api_keys WHERE hash = $1",
-                    )
-                    .bind(hash)
-                    .fetch_optional(pool)
-                    .await
+                    sqlx::query_as::<_, KeyRow>(&sql).bind(hash).fetch_optional(pool).await
                 })
             })
             .await?;
         row.map(ApiKeyRecord::try_from).transpose()
+    }
+
+    async fn get_api_key(&self, id: Uuid) -> Result<Option<ApiKeyRecord>, StoreError> {
+        let sql = format!("SELECT {KEY_COLUMNS} FROM api_keys WHERE id = $1");
+        let row = self
+            .retrying("get_api_key", || async {
+                with_pool!(self, read, |pool| { sqlx::query_as::<_, KeyRow>(&sql).bind(id).fetch_optional(pool).await })
+            })
+            .await?;
+        row.map(ApiKeyRecord::try_from).transpose()
+    }
+
+    async fn list_api_keys(
+        &self,
+        tenant: Option<&TenantId>,
+        after: Option<Uuid>,
+        limit: u32,
+    ) -> Result<Vec<ApiKeyRecord>, StoreError> {
+        // `$1 IS NULL` with an untyped NULL needs a cast on PostgreSQL; the branches keep
+        // both databases on plain SQL.
+        let sql = match tenant {
+            Some(_) => format!(
+                "SELECT {KEY_COLUMNS} FROM api_keys WHERE tenant = $1 AND ($2 = 0 OR id > $3) ORDER BY id LIMIT $4"
+            ),
+            None => {
+                format!("SELECT {KEY_COLUMNS} FROM api_keys WHERE $1 = '' AND ($2 = 0 OR id > $3) ORDER BY id LIMIT $4")
+            }
+        };
+        let tenant = tenant.map_or("", TenantId::as_str);
+        let has_after = i64::from(after.is_some());
+        let after = after.unwrap_or_else(Uuid::nil);
+        let rows = self
+            .retrying("list_api_keys", || async {
+                with_pool!(self, read, |pool| {
+                    sqlx::query_as::<_, KeyRow>(&sql)
+                        .bind(tenant)
+                        .bind(has_after)
+                        .bind(after)
+                        .bind(i64::from(limit))
+                        .fetch_all(pool)
+                        .await
+                })
+            })
+            .await?;
+        rows.into_iter().map(ApiKeyRecord::try_from).collect()
+    }
+
+    async fn insert_api_key(
+        &self,
+        record: &ApiKeyRecord,
+        event: &OutboxEvent,
+        keys_max: u32,
+        now_ms: i64,
+    ) -> Result<(), StoreError> {
+        let inserted = self
+            .retrying("insert_api_key", || async {
+                with_pool!(self, write, |pool| {
+                    let mut tx = pool.begin().await?;
+                    let live: i64 = sqlx::query_scalar(
+                        "SELECT COUNT(*) FROM api_keys WHERE COALESCE(tenant, '') = $1 \
+                         AND revoked_at_ms IS NULL AND (expires_at_ms IS NULL OR expires_at_ms > $2)",
+                    )
+                    .bind(record.tenant.as_ref().map_or("", TenantId::as_str))
+                    .bind(now_ms)
+                    .fetch_one(&mut *tx)
+                    .await?;
+                    if live >= i64::from(keys_max) {
+                        return Ok(false);
+                    }
+                    insert_key_row!(&mut *tx, record)?;
+                    insert_outbox!(tx, event, now_ms)?;
+                    tx.commit().await?;
+                    Ok(true)
+                })
+            })
+            .await?;
+        if inserted {
+            Ok(())
+        } else {
+            Err(StoreError::LimitExceeded(format!("at most {keys_max} live API keys per tenant")))
+        }
+    }
+
+    async fn rotate_api_key(
+        &self,
+        old: Uuid,
+        old_expires_at_ms: i64,
+        next: &ApiKeyRecord,
+        event: &OutboxEvent,
+    ) -> Result<(), StoreError> {
+        let rotated = self
+            .retrying("rotate_api_key", || async {
+                with_pool!(self, write, |pool| {
+                    let mut tx = pool.begin().await?;
+                    insert_key_row!(&mut *tx, next)?;
+                    let changed = sqlx::query(
+                        "UPDATE api_keys SET replaced_by = $1, \
+                         expires_at_ms = CASE WHEN expires_at_ms IS NULL OR expires_at_ms > $2 THEN $2 ELSE expires_at_ms END \
+                         WHERE id = $3 AND revoked_at_ms IS NULL AND replaced_by IS NULL",
+                    )
+                    .bind(next.id)
+                    .bind(old_expires_at_ms)
+                    .bind(old)
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected();
+                    if changed != 1 {
+                        return Ok(false);
+                    }
+                    insert_outbox!(tx, event, next.created_at_ms)?;
+                    tx.commit().await?;
+                    Ok(true)
+                })
+            })
+            .await?;
+        if rotated { Ok(()) } else { Err(StoreError::Conflict("the key is revoked or was already rotated".into())) }
+    }
+
+    async fn revoke_api_key(&self, id: Uuid, at_ms: i64, event: &OutboxEvent) -> Result<bool, StoreError> {
+        self.retrying("revoke_api_key", || async {
+            with_pool!(self, write, |pool| {
+                let mut tx = pool.begin().await?;
+                let changed =
+                    sqlx::query("UPDATE api_keys SET revoked_at_ms = $1 WHERE id = $2 AND revoked_at_ms IS NULL")
+                        .bind(at_ms)
+                        .bind(id)
+                        .execute(&mut *tx)
+                        .await?
+                        .rows_affected();
+                if changed != 1 {
+                    return Ok(false);
+                }
+                insert_outbox!(tx, event, at_ms)?;
+                tx.commit().await?;
+                Ok(true)
+            })
+        })
+        .await
+    }
+
+    async fn live_api_key_count(&self, now_ms: i64) -> Result<u64, StoreError> {
+        let count = self
+            .retrying("live_api_key_count", || async {
+                with_pool!(self, read, |pool| {
+                    sqlx::query_scalar::<_, i64>(
+                        "SELECT COUNT(*) FROM api_keys WHERE revoked_at_ms IS NULL \
+                         AND (expires_at_ms IS NULL OR expires_at_ms > $1)",
+                    )
+                    .bind(now_ms)
+                    .fetch_one(pool)
+                    .await
+                })
+            })
+            .await?;
+        Ok(u64::try_from(count).unwrap_or(0))
+    }
+
+    async fn touch_api_keys(&self, used: &[(Uuid, i64)]) -> Result<(), StoreError> {
+        if used.is_empty() {
+            return Ok(());
+        }
+        self.retrying("touch_api_keys", || async {
+            with_pool!(self, write, |pool| {
+                let mut tx = pool.begin().await?;
+                for (id, at_ms) in used {
+                    sqlx::query(
+                        "UPDATE api_keys SET last_used_at_ms = $1 \
+                         WHERE id = $2 AND (last_used_at_ms IS NULL OR last_used_at_ms < $1)",
+                    )
+                    .bind(at_ms)
+                    .bind(id)
+                    .execute(&mut *tx)
+                    .await?;
+                }
+                tx.commit().await?;
+                Ok(())
+            })
+        })
+        .await
     }
 }
 
@@ -1568,3 +1783,4 @@ mod tests {
     }
 }
 mod commit;
+mod ratelimit;

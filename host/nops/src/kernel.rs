@@ -6,7 +6,9 @@ use std::time::Instant;
 
 use anyhow::Context;
 use nops_api::{AppState, Services};
-use nops_core::auth::{ApiKeyAuthenticator, GeneratedKey, KeyHasher, RoleAuthorizer, ensure_bootstrap_key};
+use nops_core::auth::keys::{KeyConfig, KeyService};
+use nops_core::auth::{ApiKeyAuthenticator, BearerAuthenticator, GeneratedKey, KeyHasher, ensure_bootstrap_key};
+use nops_core::authz::PolicyAuthorizer;
 use nops_core::clock::Clock;
 use nops_core::metrics::Metrics;
 use nops_core::plugin::service::{PluginConfig, PluginService};
@@ -76,11 +78,26 @@ impl Kernel {
         ));
         plugins.verify_chains().await.map_err(|e| anyhow::anyhow!("plugin provenance check failed: {e}"))?;
         plugins.sync().await.context("loading the active plugins")?;
+        let api_keys = Arc::new(ApiKeyAuthenticator::new(store.clone(), hasher, clock.clone()));
+        let keys = Arc::new(KeyService::new(
+            store.clone(),
+            api_keys.clone(),
+            clock.clone(),
+            metrics.clone(),
+            KeyConfig::default(),
+        ));
+        keys.refresh_metrics().await.context("counting the API keys")?;
         let state = AppState::new(Services {
             registry: registry.clone(),
             store: store.clone(),
-            authenticator: Arc::new(ApiKeyAuthenticator::new(store, hasher, clock)),
-            authorizer: Arc::new(RoleAuthorizer),
+            keys: keys.clone(),
+            authenticator: Arc::new(BearerAuthenticator {
+                api_keys: api_keys.clone(),
+                tokens: crate::jwks_http::token_authenticator(&config.auth, clock.clone()).await?,
+            }),
+            authorizer: Arc::new(PolicyAuthorizer::new(Some(plugins.clone()), config.authz.clone(), metrics.clone())),
+            access: nops_api::access_table(),
+            clock,
             metrics,
             plugins: Some(plugins.clone()),
             http: config.http.clone(),

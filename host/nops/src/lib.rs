@@ -3,5 +3,6 @@
 //! a whole kernel in process.
 
 pub mod config;
+pub mod jwks_http;
 pub mod kernel;
 pub mod plugins_dir;

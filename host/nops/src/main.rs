@@ -1,7 +1,9 @@
 //! `nops`: the NOPS kernel's command-line interface.
 
+mod keys_cli;
 mod plugins_cli;
 mod serve;
+mod token_cli;
 
 use clap::{Parser, Subcommand};
 
@@ -39,6 +41,16 @@ enum Command {
         #[command(subcommand)]
         command: plugins_cli::PluginCommand,
     },
+    /// Manage API keys: create, list, show, rotate with a grace period, revoke
+    Keys {
+        #[command(flatten)]
+        remote: plugins_cli::Remote,
+        #[command(subcommand)]
+        command: keys_cli::KeyCommand,
+    },
+    /// Development tokens: mint an HS256 JWT for the development issuer
+    #[command(subcommand)]
+    Token(token_cli::TokenCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -55,6 +67,8 @@ fn main() -> std::process::ExitCode {
             Config::resolve(&args).and_then(|c| c.to_toml()).map(|text| print!("{text}"))
         }
         Command::Plugins { remote, command } => plugins_cli::run(remote, command),
+        Command::Keys { remote, command } => keys_cli::run(remote, command),
+        Command::Token(command) => token_cli::run(command),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

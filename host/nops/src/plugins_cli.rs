@@ -24,6 +24,42 @@ pub struct Remote {
     tenant: Option<String>,
 }
 
+impl Remote {
+    /// A request to `path` under the kernel's URL, with the key and tenant headers.
+    pub(crate) fn request(
+        &self,
+        client: &reqwest::Client,
+        method: reqwest::Method,
+        path: &str,
+    ) -> reqwest::RequestBuilder {
+        let mut builder = client.request(method, format!("{}{path}", self.url.trim_end_matches('/')));
+        if let Some(key) = &self.api_key {
+            builder = builder.bearer_auth(key);
+        }
+        if let Some(tenant) = &self.tenant {
+            builder = builder.header("x-nops-tenant", tenant);
+        }
+        builder
+    }
+
+    /// Sends `builder` and prints the JSON answer, pretty; an error status is an error.
+    pub(crate) async fn print_response(&self, builder: reqwest::RequestBuilder) -> anyhow::Result<()> {
+        let response = builder.send().await.with_context(|| format!("calling {}", self.url))?;
+        let status = response.status();
+        let body = response.text().await.unwrap_or_default();
+        let pretty = serde_json::from_str::<serde_json::Value>(&body)
+            .map(|v| serde_json::to_string_pretty(&v).unwrap_or_default())
+            .unwrap_or(body);
+        if !status.is_success() {
+            bail!("{status}: {pretty}");
+        }
+        if !pretty.is_empty() {
+            println!("{pretty}");
+        }
+        Ok(())
+    }
+}
+
 /// Plugin commands.
 #[derive(Debug, Subcommand)]
 pub enum PluginCommand {
@@ -171,17 +207,8 @@ fn write_secret(path: &Path, text: &str) -> anyhow::Result<()> {
 
 async fn remote_command(remote: &Remote, command: PluginCommand) -> anyhow::Result<()> {
     let client = reqwest::Client::new();
-    let base = format!("{}/api/v1/plugins", remote.url.trim_end_matches('/'));
-    let request = |method: reqwest::Method, path: &str| {
-        let mut builder = client.request(method, format!("{base}{path}"));
-        if let Some(key) = &remote.api_key {
-            builder = builder.bearer_auth(key);
-        }
-        if let Some(tenant) = &remote.tenant {
-            builder = builder.header("x-nops-tenant", tenant);
-        }
-        builder
-    };
+    let request =
+        |method: reqwest::Method, path: &str| remote.request(&client, method, &format!("/api/v1/plugins{path}"));
     use reqwest::Method;
     let builder = match command {
         PluginCommand::List => request(Method::GET, ""),
@@ -221,17 +248,5 @@ async fn remote_command(remote: &Remote, command: PluginCommand) -> anyhow::Resu
         }
         PluginCommand::Prepare { .. } | PluginCommand::Keygen { .. } => unreachable!("handled locally"),
     };
-    let response = builder.send().await.with_context(|| format!("calling {}", remote.url))?;
-    let status = response.status();
-    let body = response.text().await.unwrap_or_default();
-    let pretty = serde_json::from_str::<serde_json::Value>(&body)
-        .map(|v| serde_json::to_string_pretty(&v).unwrap_or_default())
-        .unwrap_or(body);
-    if !status.is_success() {
-        bail!("{status}: {pretty}");
-    }
-    if !pretty.is_empty() {
-        println!("{pretty}");
-    }
-    Ok(())
+    remote.print_response(builder).await
 }

@@ -1,5 +1,6 @@
 //! Route handlers, one module per resource.
 
+pub(crate) mod admin_keys;
 pub(crate) mod agents;
 pub(crate) mod health;
 pub(crate) mod plugins;

@@ -12,8 +12,9 @@ use crate::tenant::TenantId;
 
 /// A typed attribute value (the WIT `value` variant). In JSON: a string, an integer, a
 /// number, a boolean or a list of strings.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(untagged)]
+#[schema(as = AttributeValue)]
 pub enum Value {
     /// Text.
     Text(String),
@@ -27,18 +28,23 @@ pub enum Value {
     Texts(Vec<String>),
 }
 
+/// [`Value`] under its OpenAPI name: a field typed `Value` would read as "any JSON" to the
+/// schema derive, which special-cases that type name.
+pub type AttributeValue = Value;
+
 /// A named attribute.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Attribute {
     /// The attribute's name.
     pub name: String,
     /// Its value.
+    #[schema(value_type = AttributeValue)]
     pub value: Value,
 }
 
 /// One candidate agent for a scorer: compact numbers only.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Candidate {
     /// Position in the kernel's list.
@@ -60,7 +66,7 @@ pub struct Candidate {
 }
 
 /// What a task asks for, as a scorer sees it.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ScoreTask {
     /// Required capability names.
@@ -71,7 +77,7 @@ pub struct ScoreTask {
 }
 
 /// An access request for a policy.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AccessRequest {
     /// Attributes of who is asking.
@@ -88,7 +94,7 @@ pub struct AccessRequest {
 }
 
 /// A policy's answer.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Decision {
     /// Allowed or not.
     pub allow: bool,
@@ -99,7 +105,7 @@ pub struct Decision {
 }
 
 /// Which way a migration runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Direction {
     /// From schema version N to N+1.
@@ -109,7 +115,7 @@ pub enum Direction {
 }
 
 /// What a tool says about itself.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ToolDescription {
     /// Its name.
     pub name: String,
@@ -120,7 +126,7 @@ pub struct ToolDescription {
 }
 
 /// An event a contract evaluates.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ContractEvent {
     /// What happened, e.g. `spend`.
@@ -131,7 +137,7 @@ pub struct ContractEvent {
 }
 
 /// A contract's answer.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Verdict {
     /// Accepted or not.
     pub accept: bool,
@@ -140,7 +146,7 @@ pub struct Verdict {
 }
 
 /// One call into a plugin. In JSON, one key naming the call, e.g. `{"authorize": {...}}`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case", deny_unknown_fields)]
 pub enum Invocation {
     /// Score candidates for a task (scorer).
@@ -186,7 +192,7 @@ impl Invocation {
 }
 
 /// What a plugin answered.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Output {
     /// One score per candidate, in order.
@@ -199,7 +205,9 @@ pub enum Output {
     Migrated(serde_json::Value),
     /// A tool's description.
     Description(ToolDescription),
-    /// A tool's result: JSON content, or an error message shown as an MCP error result.
+    /// A tool's result: JSON content, or an error message shown as an MCP error result
+    /// (`{"Ok": <JSON>}` or `{"Err": "<message>"}`).
+    #[schema(value_type = Object)]
     ToolResult(Result<serde_json::Value, String>),
     /// A contract's verdict.
     Verdict(Verdict),
@@ -226,7 +234,7 @@ pub struct CallContext {
 }
 
 /// Why a call failed. The kernel keeps serving in every case.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, Serialize, utoipa::ToSchema)]
 #[serde(tag = "reason", content = "detail", rename_all = "snake_case")]
 #[non_exhaustive]
 pub enum CallError {

@@ -76,11 +76,12 @@ pub struct Active {
 }
 
 /// How a call was answered.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
 pub struct Answer {
     /// The plugin's output, or the kind's fallback when it failed.
     pub output: Output,
     /// The version that answered.
+    #[schema(value_type = String, example = "1.2.0")]
     pub version: Version,
     /// Why the plugin failed, when the output is a fallback.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -108,7 +109,7 @@ impl std::fmt::Debug for PluginService {
 }
 
 /// A plugin as the API shows it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct PluginView {
     /// Its state.
     #[serde(flatten)]
@@ -118,9 +119,10 @@ pub struct PluginView {
 }
 
 /// A version as the API shows it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct VersionView {
     /// The version.
+    #[schema(value_type = String, example = "1.2.0")]
     pub version: Version,
     /// `blake2b256:` digest of the component.
     pub digest: String,
@@ -142,11 +144,12 @@ pub struct VersionView {
 }
 
 /// Call metrics of one version in this process (the same numbers `/metrics` exports).
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct VersionMetrics {
     /// Calls answered.
     pub calls: u64,
     /// Calls that failed, by reason.
+    #[schema(value_type = HashMap<String, u64>)]
     pub failures: HashMap<&'static str, u64>,
     /// Mean call latency, in microseconds.
     pub latency_us_mean: f64,

@@ -1,9 +1,8 @@
 //! Principals and API keys: who is calling, and how a key is made, recognised and stored.
 //!
-//! The HTTP edge asks an [`Authenticator`] who a bearer credential belongs to and an
-//! [`Authorizer`] whether that principal may act. Both are traits so that the identity layer
-//! (JWT, workload identity, ABAC policy plugins) replaces today's implementations without
-//! touching the routes.
+//! The HTTP edge asks an [`Authenticator`] who a bearer credential belongs to; the
+//! [`BearerAuthenticator`] sends API keys to [`ApiKeyAuthenticator`] and tokens to
+//! [`jwt::JwtAuthenticator`]. Whether the principal may act is decided by [`crate::authz`].
 
 use std::sync::Arc;
 
@@ -11,7 +10,7 @@ use async_trait::async_trait;
 use blake2::digest::{FixedOutput, Mac, Update};
 use blake2::{Blake2b, Blake2bMac, digest::consts::U32};
 use rand::Rng;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use subtle::ConstantTimeEq;
 use uuid::Uuid;
 
@@ -19,6 +18,12 @@ use crate::clock::Clock;
 use crate::store::Store;
 use crate::tenant::TenantId;
 use crate::{CoreError, CoreResult};
+
+pub mod jwt;
+pub mod keys;
+pub mod scope;
+
+pub use scope::{Scope, Scopes};
 
 /// Every API key starts with this, so scanners and people recognise it.
 pub const API_KEY_PREFIX: &str = "nops_";
@@ -139,54 +144,152 @@ pub struct ApiKeyRecord {
     pub tenant: Option<TenantId>,
     /// Role of the principal the key authenticates.
     pub role: Role,
+    /// Who the key speaks for (e.g. an agent's id); the key id when `None`.
+    pub subject: Option<String>,
+    /// What the key may do.
+    pub scopes: Scopes,
     /// Creation time (ms since the Unix epoch).
     pub created_at_ms: i64,
-    /// Expiry (ms since the Unix epoch), if any.
+    /// Expiry (ms since the Unix epoch), if any. A rotation sets it to the end of the grace.
     pub expires_at_ms: Option<i64>,
     /// Revocation time (ms since the Unix epoch), if revoked.
     pub revoked_at_ms: Option<i64>,
+    /// Last successful authentication (ms since the Unix epoch), recorded at most once per
+    /// [`LAST_USED_RESOLUTION_MS`] per key.
+    pub last_used_at_ms: Option<i64>,
+    /// The key that replaced this one in a rotation.
+    pub replaced_by: Option<Uuid>,
+    /// The key this one replaced in a rotation.
+    pub replaces: Option<Uuid>,
 }
 
-/// What a principal is allowed to be.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+impl ApiKeyRecord {
+    /// Whether the key authenticates at `now_ms`.
+    pub fn status(&self, now_ms: i64) -> KeyStatus {
+        if self.revoked_at_ms.is_some() {
+            KeyStatus::Revoked
+        } else if self.expires_at_ms.is_some_and(|exp| exp <= now_ms) {
+            KeyStatus::Expired
+        } else if self.replaced_by.is_some() {
+            KeyStatus::Grace
+        } else {
+            KeyStatus::Active
+        }
+    }
+}
+
+/// Where a key is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum KeyStatus {
+    /// Authenticates.
+    Active,
+    /// Rotated: authenticates until its grace period ends.
+    Grace,
+    /// Past its expiry (or its grace period).
+    Expired,
+    /// Revoked.
+    Revoked,
+}
+
+/// How often, at most, a key's `last_used_at_ms` is written: a hot key is not a write per
+/// request.
+pub const LAST_USED_RESOLUTION_MS: i64 = 60_000;
+
+/// What a principal is: the role policies reason about (`principal.role`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Role {
-    /// Operates the whole kernel, across tenants.
+    /// Operates the whole kernel (without a tenant) or everything within its tenant.
     Admin,
+    /// Manages agents and reads plugins and key metadata within its tenant.
+    Operator,
+    /// Reads.
+    Viewer,
+    /// An edge agent: its own record and heartbeats.
+    Agent,
 }
 
 impl Role {
+    /// Every role, for help texts and validation.
+    pub const ALL: [Role; 4] = [Role::Admin, Role::Operator, Role::Viewer, Role::Agent];
+
     /// The role as stored.
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Admin => "admin",
+            Self::Operator => "operator",
+            Self::Viewer => "viewer",
+            Self::Agent => "agent",
         }
     }
 
     /// Parses a stored role.
     pub fn parse(s: &str) -> Option<Self> {
-        (s == "admin").then_some(Self::Admin)
+        Self::ALL.into_iter().find(|r| r.as_str() == s)
+    }
+}
+
+impl std::fmt::Display for Role {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// How a principal proved who it is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum AuthMethod {
+    /// One of the kernel's API keys.
+    ApiKey,
+    /// A JWT from a configured issuer.
+    Jwt,
+    /// A SPIFFE JWT-SVID from a configured trust domain.
+    Workload,
+}
+
+impl AuthMethod {
+    /// The method as a metric label and policy attribute.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::ApiKey => "api_key",
+            Self::Jwt => "jwt",
+            Self::Workload => "workload",
+        }
     }
 }
 
 /// Who is calling: the result of authentication, input to authorization.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Principal {
-    /// Stable id of the credential's subject (the key id for API keys).
+    /// Who the credential speaks for: the key's subject (else the key id), the token's `sub`,
+    /// or the workload's SPIFFE ID. Policies compare it with `resource.id` for agents.
     pub subject: Arc<str>,
     /// The tenant the principal is bound to, or `None` for a kernel-wide operator.
     pub tenant: Option<TenantId>,
     /// The principal's role.
     pub role: Role,
+    /// How it authenticated.
+    pub method: AuthMethod,
+    /// The scopes its credential carries.
+    pub scopes: Scopes,
+    /// The credential itself, for rate limits and audit: the key id, or `issuer#subject`.
+    /// Never a secret.
+    pub credential: Arc<str>,
 }
 
-/// An action on a resource, as the authorizer sees it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Action {
-    /// Read a resource.
-    Read,
-    /// Create, change or delete a resource.
-    Write,
+impl Principal {
+    /// A principal with every scope, for tests and the kernel's own calls.
+    pub fn new(subject: &str, tenant: Option<TenantId>, role: Role, method: AuthMethod) -> Self {
+        Self {
+            subject: Arc::from(subject),
+            tenant,
+            role,
+            method,
+            scopes: Scopes::all(),
+            credential: Arc::from(subject),
+        }
+    }
 }
 
 /// Turns a bearer credential into a principal.
@@ -194,12 +297,6 @@ pub enum Action {
 pub trait Authenticator: Send + Sync + 'static {
     /// The principal behind `bearer`, or [`CoreError::Unauthenticated`].
     async fn authenticate(&self, bearer: &str) -> CoreResult<Principal>;
-}
-
-/// Decides whether a principal may perform an action within a tenant.
-pub trait Authorizer: Send + Sync + 'static {
-    /// `Ok(())` to allow, [`CoreError::Forbidden`] to deny.
-    fn authorize(&self, principal: &Principal, action: Action, tenant: &TenantId) -> CoreResult<()>;
 }
 
 /// Most key records the authenticator caches; the cache is emptied when it is full.
@@ -211,6 +308,7 @@ pub const KEY_CACHE_TTL_MS: i64 = 5_000;
 /// What the authenticator remembers of a key: enough to decide without the store.
 #[derive(Debug, Clone)]
 struct CachedKey {
+    id: Uuid,
     principal: Principal,
     expires_at_ms: Option<i64>,
     revoked: bool,
@@ -224,12 +322,26 @@ pub struct ApiKeyAuthenticator {
     hasher: KeyHasher,
     clock: Arc<dyn Clock>,
     cache: dashmap::DashMap<[u8; 32], CachedKey>,
+    /// When each key's use was last written, so a hot key costs one write a minute.
+    touched: dashmap::DashMap<Uuid, i64>,
 }
 
 impl ApiKeyAuthenticator {
     /// An authenticator over `store`.
     pub fn new(store: Arc<dyn Store>, hasher: KeyHasher, clock: Arc<dyn Clock>) -> Self {
-        Self { store, hasher, clock, cache: dashmap::DashMap::new() }
+        Self { store, hasher, clock, cache: dashmap::DashMap::new(), touched: dashmap::DashMap::new() }
+    }
+
+    /// The hasher, shared with key management.
+    pub fn hasher(&self) -> &KeyHasher {
+        &self.hasher
+    }
+
+    /// Forgets every cached key record: the next use of each key reads the store. Key
+    /// management calls it after a change made on this kernel; other replicas see the change
+    /// within [`KEY_CACHE_TTL_MS`].
+    pub fn forget_cached(&self) {
+        self.cache.clear();
     }
 
     async fn lookup(&self, hash: [u8; 32], now_ms: i64) -> CoreResult<Option<CachedKey>> {
@@ -241,11 +353,16 @@ impl ApiKeyAuthenticator {
         let Some(record) = self.store.find_api_key(&hash).await?.filter(|r| hashes_equal(&r.hash, &hash)) else {
             return Ok(None);
         };
+        let id_text = record.id.to_string();
         let cached = CachedKey {
+            id: record.id,
             principal: Principal {
-                subject: Arc::from(record.id.to_string()),
+                subject: Arc::from(record.subject.as_deref().unwrap_or(&id_text)),
                 tenant: record.tenant,
                 role: record.role,
+                method: AuthMethod::ApiKey,
+                scopes: record.scopes,
+                credential: Arc::from(id_text),
             },
             expires_at_ms: record.expires_at_ms,
             revoked: record.revoked_at_ms.is_some(),
@@ -256,6 +373,25 @@ impl ApiKeyAuthenticator {
         }
         self.cache.insert(hash, cached.clone());
         Ok(Some(cached))
+    }
+
+    /// Records the key's use, at most once per [`LAST_USED_RESOLUTION_MS`], off the request
+    /// path.
+    fn touch(&self, id: Uuid, now_ms: i64) {
+        let due = self.touched.get(&id).is_none_or(|at| now_ms - *at >= LAST_USED_RESOLUTION_MS);
+        if !due {
+            return;
+        }
+        if self.touched.len() >= KEY_CACHE_ENTRIES_MAX {
+            self.touched.clear();
+        }
+        self.touched.insert(id, now_ms);
+        let store = self.store.clone();
+        tokio::spawn(async move {
+            if let Err(err) = store.touch_api_keys(&[(id, now_ms)]).await {
+                tracing::debug!(error = %err, "recording a key's last use failed");
+            }
+        });
     }
 }
 
@@ -274,22 +410,35 @@ impl Authenticator for ApiKeyAuthenticator {
         if key.expires_at_ms.is_some_and(|exp| exp <= now_ms) {
             return Err(CoreError::Unauthenticated { reason: "expired" });
         }
+        self.touch(key.id, now_ms);
         Ok(key.principal)
     }
 }
 
-/// The authorizer of the bootstrap seam: admins may do anything; a tenant-bound principal only
-/// within its own tenant.
-#[derive(Debug, Default, Clone, Copy)]
-pub struct RoleAuthorizer;
+/// Sends each bearer credential to the authenticator for its shape: the kernel's API keys
+/// (`nops_…`) to one, JWTs (three dot-separated parts) to the other.
+pub struct BearerAuthenticator {
+    /// API keys.
+    pub api_keys: Arc<ApiKeyAuthenticator>,
+    /// JWTs and JWT-SVIDs; `None` when no issuer is configured.
+    pub tokens: Option<Arc<dyn Authenticator>>,
+}
 
-impl Authorizer for RoleAuthorizer {
-    fn authorize(&self, principal: &Principal, _action: Action, tenant: &TenantId) -> CoreResult<()> {
-        match &principal.tenant {
-            Some(bound) if bound != tenant => Err(CoreError::Forbidden),
-            _ => match principal.role {
-                Role::Admin => Ok(()),
-            },
+/// Longest bearer credential accepted, in bytes; longer ones are refused unread.
+pub const BEARER_BYTES_MAX: usize = 8 * 1024;
+
+#[async_trait]
+impl Authenticator for BearerAuthenticator {
+    async fn authenticate(&self, bearer: &str) -> CoreResult<Principal> {
+        if bearer.len() > BEARER_BYTES_MAX {
+            return Err(CoreError::Unauthenticated { reason: "malformed" });
+        }
+        if bearer.starts_with(API_KEY_PREFIX) {
+            return self.api_keys.authenticate(bearer).await;
+        }
+        match &self.tokens {
+            Some(tokens) if bearer.bytes().filter(|b| *b == b'.').count() == 2 => tokens.authenticate(bearer).await,
+            _ => Err(CoreError::Unauthenticated { reason: "malformed" }),
         }
     }
 }
@@ -312,9 +461,14 @@ pub async fn ensure_bootstrap_key(
         hash: hasher.hash(&key.secret).to_vec(),
         tenant: None,
         role: Role::Admin,
+        subject: None,
+        scopes: Scopes::all(),
         created_at_ms: now_ms,
         expires_at_ms: None,
         revoked_at_ms: None,
+        last_used_at_ms: None,
+        replaced_by: None,
+        replaces: None,
     };
     let created = store.insert_bootstrap_key(&record).await?;
     Ok(created.then_some(key))
@@ -354,16 +508,5 @@ mod tests {
         assert_eq!(plain.hash("nops_x"), plain.hash("nops_x"));
         assert!(KeyHasher::new(Some(b"")).is_err());
         assert!(KeyHasher::new(Some(&[0u8; 65])).is_err());
-    }
-
-    #[test]
-    fn tenant_bound_principals_stay_in_their_tenant() {
-        let acme: TenantId = "acme".parse().expect("tenant");
-        let other: TenantId = "other".parse().expect("tenant");
-        let bound = Principal { subject: "k".into(), tenant: Some(acme.clone()), role: Role::Admin };
-        let global = Principal { tenant: None, ..bound.clone() };
-        assert!(RoleAuthorizer.authorize(&bound, Action::Read, &acme).is_ok());
-        assert!(RoleAuthorizer.authorize(&bound, Action::Write, &other).is_err());
-        assert!(RoleAuthorizer.authorize(&global, Action::Write, &other).is_ok());
     }
 }
