@@ -15,9 +15,5 @@ request = function()
   return wrk.format(nil, "/api/v1/agents/" .. ids[(i % #ids) + 1] .. "/heartbeat")
 end
 
-done = function(summary, latency, requests)
-  local e = summary.errors
-  io.write(string.format("RESULT rps=%.0f p50_us=%d p99_us=%d non2xx=%d socket_errors=%d\n",
-    summary.requests / (summary.duration / 1e6), latency:percentile(50), latency:percentile(99),
-    e.status, e.connect + e.read + e.write + e.timeout))
-end
+-- Run from the repository root (as run.sh and auth.sh do).
+dofile("benches/wrk_result.lua")

@@ -2,8 +2,7 @@
 //! caps, slow clients, security headers on every response, and secrets kept out of logs and
 //! metrics. Limits answer in the JSON envelope and change nothing.
 
-use std::process::Stdio;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::{Body, Bytes};
@@ -11,13 +10,11 @@ use http::{HeaderMap, Request, StatusCode};
 use nops_core::store::{AgentFilter, AgentStore};
 use nops_core::tenant::TenantId;
 use serde_json::{Value, json};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::process::{Child, Command};
 
+use crate::process::Process;
 use crate::support::{Backend, TestDb, TestKernel, agent_json};
-
-const NOPS: &str = env!("CARGO_BIN_EXE_nops");
 
 async fn stored_agents(k: &TestKernel) -> usize {
     let filter = AgentFilter { tenant: Some(TenantId::default_tenant()), ..AgentFilter::default() };
@@ -199,88 +196,6 @@ async fn security_headers_are_on_200_401_404_429_and_errors() {
     assert!(header(&headers, "retry-after").parse::<u64>().is_ok_and(|s| (1..=100).contains(&s)), "{headers:?}");
 }
 
-/// A real `nops serve` process, its stdout and stderr collected.
-struct Served {
-    child: Child,
-    output: Arc<Mutex<String>>,
-    addr: String,
-}
-
-impl Served {
-    async fn start(db: &TestDb, env: &[(&str, &str)]) -> Self {
-        let mut cmd = Command::new(NOPS);
-        cmd.arg("serve")
-            .current_dir(db.dir.path())
-            .env_remove("NOPS_CONFIG")
-            .env("NOPS_LISTEN", "127.0.0.1:0")
-            .env("NOPS_DATA_DIR", db.dir.path())
-            .env("NOPS_DATABASE_URL", &db.url)
-            .env("NOPS_LOG", "info")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true);
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
-        let mut child = cmd.spawn().expect("spawn nops");
-        let output = Arc::new(Mutex::new(String::new()));
-        let (addr_tx, addr_rx) = tokio::sync::oneshot::channel();
-        let mut addr_tx = Some(addr_tx);
-        let mut stderr = BufReader::new(child.stderr.take().expect("stderr")).lines();
-        let sink = output.clone();
-        tokio::spawn(async move {
-            while let Ok(Some(line)) = stderr.next_line().await {
-                if let Ok(log) = serde_json::from_str::<Value>(&line)
-                    && log["message"] == "nops kernel serving"
-                    && let Some(tx) = addr_tx.take()
-                {
-                    let _ = tx.send(log["listen"].as_str().unwrap_or_default().to_string());
-                }
-                let mut text = sink.lock().expect("lock");
-                text.push_str(&line);
-                text.push('\n');
-            }
-        });
-        let mut stdout = BufReader::new(child.stdout.take().expect("stdout")).lines();
-        let sink = output.clone();
-        tokio::spawn(async move {
-            while let Ok(Some(line)) = stdout.next_line().await {
-                let mut text = sink.lock().expect("lock");
-                text.push_str(&line);
-                text.push('\n');
-            }
-        });
-        let addr = tokio::time::timeout(Duration::from_secs(30), addr_rx)
-            .await
-            .unwrap_or_else(|_| panic!("nops did not start:\n{}", output.lock().expect("lock")))
-            .unwrap_or_else(|_| panic!("nops exited:\n{}", output.lock().expect("lock")));
-        Self { child, output, addr }
-    }
-
-    fn output(&self) -> String {
-        self.output.lock().expect("lock").clone()
-    }
-
-    fn bootstrap_key(&self) -> String {
-        self.output()
-            .lines()
-            .map(str::trim)
-            .find(|l| nops_core::auth::is_well_formed_api_key(l))
-            .expect("the first start prints the key")
-            .to_string()
-    }
-
-    async fn stop(mut self) -> String {
-        let pid = self.child.id().expect("running");
-        std::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status().expect("kill");
-        let status =
-            tokio::time::timeout(Duration::from_secs(20), self.child.wait()).await.expect("exits").expect("wait");
-        assert!(status.success(), "a clean exit on SIGTERM:\n{}", self.output());
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        self.output()
-    }
-}
-
 /// Reads until the server closes the connection (or `wait` passes); returns what it sent and
 /// whether it closed.
 async fn read_until_closed(stream: &mut TcpStream, wait: Duration) -> (String, bool) {
@@ -302,14 +217,14 @@ async fn read_until_closed(stream: &mut TcpStream, wait: Duration) -> (String, b
 #[tokio::test]
 async fn a_client_that_trickles_its_headers_is_disconnected() {
     let db = TestDb::new(Backend::Sqlite).await;
-    let served = Served::start(&db, &[("NOPS_HEADER_READ_TIMEOUT_MS", "500")]).await;
+    let served = Process::start(&db, &[("NOPS_HEADER_READ_TIMEOUT_MS", "500")]).await;
     // Half a request, then nothing.
-    let mut slow = TcpStream::connect(&served.addr).await.expect("connect");
+    let mut slow = TcpStream::connect(&served.addr()).await.expect("connect");
     slow.write_all(b"GET /health HTTP/1.1\r\nHost: nops\r\nX-Slow: ").await.expect("write");
     // Nothing at all.
-    let mut silent = TcpStream::connect(&served.addr).await.expect("connect");
+    let mut silent = TcpStream::connect(&served.addr()).await.expect("connect");
     // A client that keeps sending, a byte at a time, never finishing its headers.
-    let mut dripping = TcpStream::connect(&served.addr).await.expect("connect");
+    let mut dripping = TcpStream::connect(&served.addr()).await.expect("connect");
     let drip = tokio::spawn(async move {
         dripping.write_all(b"GET /health HTTP/1.1\r\nX-Drip: ").await.expect("write");
         for _ in 0..40 {
@@ -328,7 +243,7 @@ async fn a_client_that_trickles_its_headers_is_disconnected() {
     assert!(closed && sent.is_empty(), "the silent client was disconnected: {sent:?}");
     assert!(drip.await.expect("join"), "the dripping client was disconnected");
     // A well-behaved client is served, with the security headers and no server banner.
-    let response = reqwest::get(format!("http://{}/health", served.addr)).await.expect("health");
+    let response = reqwest::get(format!("http://{}/health", served.addr())).await.expect("health");
     assert_eq!(response.status(), 200);
     assert_security_headers(response.headers(), "a real 200");
     served.stop().await;
@@ -337,10 +252,11 @@ async fn a_client_that_trickles_its_headers_is_disconnected() {
 #[tokio::test]
 async fn past_connections_max_a_connection_is_answered_503_and_closed() {
     let db = TestDb::new(Backend::Sqlite).await;
-    let served = Served::start(&db, &[("NOPS_CONNECTIONS_MAX", "2")]).await;
-    let held = [TcpStream::connect(&served.addr).await.expect("a"), TcpStream::connect(&served.addr).await.expect("b")];
+    let served = Process::start(&db, &[("NOPS_CONNECTIONS_MAX", "2")]).await;
+    let held =
+        [TcpStream::connect(&served.addr()).await.expect("a"), TcpStream::connect(&served.addr()).await.expect("b")];
     tokio::time::sleep(Duration::from_millis(100)).await;
-    let mut third = TcpStream::connect(&served.addr).await.expect("connect");
+    let mut third = TcpStream::connect(&served.addr()).await.expect("connect");
     third.write_all(b"GET /health HTTP/1.1\r\nHost: nops\r\n\r\n").await.expect("write");
     let (response, closed) = read_until_closed(&mut third, Duration::from_secs(5)).await;
     assert!(closed, "closed after the answer");
@@ -356,7 +272,7 @@ async fn past_connections_max_a_connection_is_answered_503_and_closed() {
     let http = reqwest::Client::new();
     let mut status = None;
     for _ in 0..50 {
-        if let Ok(response) = http.get(format!("http://{}/health", served.addr)).send().await
+        if let Ok(response) = http.get(format!("http://{}/health", served.addr())).send().await
             && response.status() == 200
         {
             status = Some(200);
@@ -372,11 +288,11 @@ async fn past_connections_max_a_connection_is_answered_503_and_closed() {
 async fn secrets_never_reach_logs_errors_or_metrics() {
     let db = TestDb::new(Backend::Sqlite).await;
     // The first start prints the bootstrap key once, by design; the second start is watched.
-    let first = Served::start(&db, &[]).await;
-    let key = first.bootstrap_key();
+    let first = Process::start(&db, &[]).await;
+    let key = first.bootstrap_key().expect("the first start prints the key");
     first.stop().await;
-    let served = Served::start(&db, &[("NOPS_LOG", "debug"), ("RUST_LOG", "debug")]).await;
-    let base = format!("http://{}", served.addr);
+    let served = Process::start(&db, &[("NOPS_LOG", "debug"), ("RUST_LOG", "debug")]).await;
+    let base = format!("http://{}", served.addr());
     let bogus_bearer = "nops_BogusBogusBogusBogusBogusBogus123456";
     let bogus_jwt = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJzZWNyZXQtc3ViamVjdCJ9.c2VjcmV0LXNpZ25hdHVyZS12YWx1ZQ";
     let http = reqwest::Client::new();

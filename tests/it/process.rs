@@ -33,7 +33,7 @@ impl Process {
             .env("NOPS_DATA_DIR", db.dir.path())
             .env("NOPS_DATABASE_URL", &db.url)
             .env("NOPS_LOG", "info")
-            .stdout(Stdio::null())
+            .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .kill_on_drop(true);
         for (k, v) in extra_env {
@@ -58,11 +58,36 @@ impl Process {
                 text.push('\n');
             }
         });
+        // Standard output goes to the same buffer: whatever the kernel prints is in `output`.
+        let mut out_lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+        let sink = stderr.clone();
+        tokio::spawn(async move {
+            while let Ok(Some(line)) = out_lines.next_line().await {
+                let mut text = sink.lock().expect("lock");
+                text.push_str(&line);
+                text.push('\n');
+            }
+        });
         let addr = tokio::time::timeout(Duration::from_millis(START_WAIT_MS_MAX), addr_rx)
             .await
             .unwrap_or_else(|_| panic!("nops did not start; stderr:\n{}", stderr.lock().expect("lock")))
             .unwrap_or_else(|_| panic!("nops exited; stderr:\n{}", stderr.lock().expect("lock")));
         Self { child, stderr, base: format!("http://{addr}") }
+    }
+
+    /// `host:port` the kernel listens on.
+    pub(crate) fn addr(&self) -> &str {
+        self.base.trim_start_matches("http://")
+    }
+
+    /// SIGTERM, a clean exit expected; returns everything the process printed.
+    pub(crate) async fn stop(self) -> String {
+        let output = self.stderr.clone();
+        let status = self.terminate().await;
+        assert!(status.success(), "a clean exit on SIGTERM:\n{}", output.lock().expect("lock"));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let text = output.lock().expect("lock").clone();
+        text
     }
 
     pub(crate) fn bootstrap_key(&self) -> Option<String> {
@@ -339,15 +364,90 @@ async fn wait_for(http: &reqwest::Client, url: &str, key: &str, what: &str, done
 
 /// Runs the `nops` CLI against a kernel and returns its stdout as JSON.
 fn cli(base: &str, key: &str, args: &[&str]) -> Value {
+    nops_cli("plugins", base, key, args)
+}
+
+/// Runs `nops <group> <args>` against the kernel at `base` with `key`; returns its JSON output.
+fn nops_cli(group: &str, base: &str, key: &str, args: &[&str]) -> Value {
     let out = std::process::Command::new(NOPS)
-        .arg("plugins")
+        .arg(group)
         .args(args)
         .env("NOPS_URL", base)
         .env("NOPS_API_KEY", key)
         .output()
-        .expect("run nops plugins");
-    assert!(out.status.success(), "nops plugins {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        .expect("run nops");
+    assert!(out.status.success(), "nops {group} {args:?}: {}", String::from_utf8_lossy(&out.stderr));
     serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
+}
+
+#[tokio::test]
+async fn the_cli_creates_rotates_and_revokes_keys_and_mints_tokens() {
+    let db = TestDb::new(Backend::Sqlite).await;
+    let secret = "cli-test-secret-cli-test-secret-0123456789";
+    let kernel = Process::start(
+        &db,
+        &[("NOPS_JWT_HS256_SECRET", secret), ("NOPS_JWT_ISSUER", "dev"), ("NOPS_JWT_AUDIENCE", "nops")],
+    )
+    .await;
+    let admin = kernel.bootstrap_key().expect("bootstrap key");
+    let http = client();
+    let whoami = |credential: String| {
+        let http = http.clone();
+        let url = format!("{}/api/v1/whoami", kernel.base);
+        async move { http.get(url).bearer_auth(credential).send().await.expect("request").status().as_u16() }
+    };
+    let created = nops_cli(
+        "keys",
+        &kernel.base,
+        &admin,
+        &["--tenant", "acme", "create", "deployer", "--role", "operator", "--scopes", "agents:* self:read"],
+    );
+    let secret_1 = created["secret"].as_str().expect("secret").to_string();
+    let id = created["key"]["id"].as_str().expect("id").to_string();
+    assert_eq!(created["key"]["scopes"], json!(["agents:*", "self:read"]));
+    assert_eq!(whoami(secret_1.clone()).await, 200);
+    let listed = nops_cli("keys", &kernel.base, &admin, &["--tenant", "acme", "list"]);
+    assert_eq!(listed["keys"][0]["id"], id.as_str());
+    let rotated = nops_cli("keys", &kernel.base, &admin, &["--tenant", "acme", "rotate", &id, "--grace-s", "0"]);
+    let secret_2 = rotated["secret"].as_str().expect("secret").to_string();
+    assert_eq!(whoami(secret_1.clone()).await, 401, "grace 0: the old key stops at once");
+    assert_eq!(whoami(secret_2.clone()).await, 200);
+    let new_id = rotated["key"]["id"].as_str().expect("id").to_string();
+    let revoked = nops_cli("keys", &kernel.base, &admin, &["--tenant", "acme", "revoke", &new_id]);
+    assert_eq!(revoked["status"], "revoked");
+    assert_eq!(whoami(secret_2.clone()).await, 401);
+
+    // A development token from the CLI is accepted, with its claims.
+    let out = std::process::Command::new(NOPS)
+        .args(["token", "mint", "--secret-env", "MINT_SECRET", "--issuer", "dev", "--audience", "nops"])
+        .args(["--subject", "alice", "--tenant", "acme", "--role", "viewer", "--scope", "self:read agents:read"])
+        .env("MINT_SECRET", secret)
+        .output()
+        .expect("run nops token mint");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let token = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let me: Value = http
+        .get(format!("{}/api/v1/whoami", kernel.base))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .expect("request")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(me["subject"], "alice");
+    assert_eq!(me["method"], "jwt");
+    assert_eq!(me["role"], "viewer");
+    assert_eq!(me["scopes"], json!(["self:read", "agents:read"]));
+    // The audit log has one record per key event, and no secret (the bootstrap key is printed
+    // once, by design, at the first start).
+    let logs = kernel.stop().await;
+    for event in ["api_key.created", "api_key.rotated", "api_key.revoked"] {
+        assert!(logs.contains(event), "no audit record for {event}");
+    }
+    for secret in [&token, &secret_1, &secret_2] {
+        assert!(!logs.contains(secret.as_str()), "a secret reached the logs");
+    }
 }
 
 #[tokio::test]
