@@ -834,6 +834,30 @@ pub struct JwtAuthenticator {
     by_trust_domain: HashMap<String, usize>,
     clock: Arc<dyn Clock>,
     source: Arc<dyn JwksSource>,
+    /// Tokens already verified, by BLAKE2b-256 of the token: a client that presents the same
+    /// token on every request pays for one parse and one signature check.
+    verified: dashmap::DashMap<[u8; 32], VerifiedToken>,
+}
+
+/// Most verified tokens remembered; the cache is emptied when it is full.
+pub const VERIFIED_TOKENS_MAX: usize = 10_000;
+
+/// A token that passed every check, and what makes that answer still true.
+struct VerifiedToken {
+    principal: Principal,
+    issuer: Arc<Issuer>,
+    /// The issuer's key set it was verified with. Held (not just its address), so a refresh
+    /// that replaces the set, e.g. to drop a removed key, makes every entry of the old set miss.
+    keys: Arc<KeySet>,
+    /// `exp` plus the leeway: the first instant the token is refused.
+    refused_from_ms: i64,
+}
+
+fn token_digest(token: &str) -> [u8; 32] {
+    use blake2::digest::{FixedOutput, Update};
+    let mut hasher = blake2::Blake2b::<blake2::digest::consts::U32>::default();
+    Update::update(&mut hasher, token.as_bytes());
+    hasher.finalize_fixed().into()
 }
 
 impl fmt::Debug for JwtAuthenticator {
@@ -892,7 +916,7 @@ impl JwtAuthenticator {
                 last_attempt_ms: AtomicI64::new(if refreshable { now_ms } else { NEVER_MS }),
             }));
         }
-        Ok(Self { issuers: states, by_iss, by_trust_domain, clock, source })
+        Ok(Self { issuers: states, by_iss, by_trust_domain, clock, source, verified: dashmap::DashMap::new() })
     }
 
     /// The issuer a token claims to come from, by `iss` or else by the trust domain of a SPIFFE
@@ -943,6 +967,26 @@ impl JwtAuthenticator {
     }
 
     async fn verify(&self, token: &str) -> Result<Principal, Refusal> {
+        let digest = token_digest(token);
+        let now_ms = self.clock.now_ms();
+        if let Some(hit) = self.verified.get(&digest) {
+            if now_ms < hit.refused_from_ms && Arc::ptr_eq(&hit.keys, &hit.issuer.keys.load()) {
+                self.refresh_if_stale(&hit.issuer);
+                return Ok(hit.principal.clone());
+            }
+            drop(hit);
+            self.verified.remove(&digest);
+        }
+        let (principal, issuer, keys, refused_from_ms) = self.verify_uncached(token).await?;
+        if self.verified.len() >= VERIFIED_TOKENS_MAX {
+            self.verified.clear();
+        }
+        self.verified.insert(digest, VerifiedToken { principal: principal.clone(), issuer, keys, refused_from_ms });
+        Ok(principal)
+    }
+
+    /// Every check of a token; also returns what the cache needs to keep the answer true.
+    async fn verify_uncached(&self, token: &str) -> Result<(Principal, Arc<Issuer>, Arc<KeySet>, i64), Refusal> {
         let mut parts = token.split('.');
         let (Some(header), Some(payload), Some(_signature), None) =
             (parts.next(), parts.next(), parts.next(), parts.next())
@@ -965,12 +1009,20 @@ impl JwtAuthenticator {
             }
         }
         self.refresh_if_stale(issuer);
+        // Taken before the key is chosen: if choosing it refetches the set, the cache entry is
+        // made against the old set and never hits, which is safe.
+        let keys = issuer.keys.load_full();
         let key = self.select_key(issuer, header.kid.as_deref()).await?;
         if key.alg != alg {
             return Err(reason::ALG_NOT_ALLOWED);
         }
         let claims = verify_signature(token, &key)?;
-        principal(&issuer.config, &claims, self.clock.now_ms())
+        let principal = principal(&issuer.config, &claims, self.clock.now_ms())?;
+        let leeway_ms = i64::try_from(issuer.config.leeway_s).unwrap_or(i64::MAX).saturating_mul(1000);
+        // `principal` has checked that `exp` is present and valid.
+        let refused_from_ms =
+            claims.get("exp").and_then(numeric_date_ms).ok_or(reason::BAD_CLAIMS)?.saturating_add(leeway_ms);
+        Ok((principal, issuer.clone(), keys, refused_from_ms))
     }
 }
 
@@ -1504,6 +1556,22 @@ mod tests {
         assert!(auth.authenticate(&new_token).await.is_ok());
         assert_eq!(source.fetches(), 2);
         assert!(auth.authenticate(&sign(Algorithm::RS256, Some("old"), &claims())).await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_verified_token_is_remembered_until_it_expires_and_a_refused_one_never() {
+        let (auth, clock) = hs256().await;
+        let live = sign(Algorithm::HS256, None, &with(claims(), json!({ "exp": NOW_S + 60 })));
+        let first = auth.authenticate(&live).await.expect("valid");
+        assert_eq!(auth.authenticate(&live).await.expect("cached"), first);
+        assert_eq!(auth.verified.len(), 1);
+        let forged = format!("{}x", &live[..live.len() - 1]);
+        assert!(auth.authenticate(&forged).await.is_err());
+        assert!(auth.authenticate(&forged).await.is_err());
+        assert_eq!(auth.verified.len(), 1, "refusals are not remembered");
+        clock.advance_ms(60_000 + 30_000);
+        assert_eq!(refused(&auth, &live).await, reason::EXPIRED, "the leeway ends the cached answer too");
+        assert!(auth.verified.is_empty());
     }
 
     #[tokio::test]
