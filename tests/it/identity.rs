@@ -357,3 +357,38 @@ async fn a_hot_loaded_governing_policy_decides_the_next_request_and_a_failing_on
         assert!(agent_names(&k, "default").await.is_empty(), "the denied create left no agent");
     }
 }
+
+#[tokio::test]
+async fn agents_labelled_protected_are_changed_by_admins_only() {
+    for k in TestKernel::all().await {
+        let (status, agent) = as_key(
+            &k,
+            &k.key,
+            Some("acme"),
+            "POST",
+            "/api/v1/agents",
+            Some(json!({ "name": "core-router", "labels": { "protected": "true" } })),
+        )
+        .await;
+        assert_eq!(status, StatusCode::CREATED, "{agent}");
+        let path = format!("/api/v1/agents/{}", agent["id"].as_str().expect("id"));
+        let (operator, _) = create_key(&k, "acme", json!({ "name": "ops", "role": "operator" })).await;
+        // Operators manage agents, but not protected ones: no change, no removal.
+        let (status, body) =
+            as_key(&k, &operator, None, "PATCH", &path, Some(json!({ "labels": { "protected": "false" } }))).await;
+        assert_eq!(status, StatusCode::FORBIDDEN, "{:?}: {body}", k.backend);
+        assert_eq!(as_key(&k, &operator, None, "DELETE", &path, None).await.0, StatusCode::FORBIDDEN);
+        let (_, now) = as_key(&k, &k.key, Some("acme"), "GET", &path, None).await;
+        assert_eq!(now["labels"]["protected"], "true");
+        // Reading it is fine; an unprotected agent is theirs to change.
+        assert_eq!(as_key(&k, &operator, None, "GET", &path, None).await.0, StatusCode::OK);
+        let (_, plain) =
+            as_key(&k, &k.key, Some("acme"), "POST", "/api/v1/agents", Some(json!({ "name": "edge-9" }))).await;
+        let plain_path = format!("/api/v1/agents/{}", plain["id"].as_str().expect("id"));
+        let (status, body) =
+            as_key(&k, &operator, None, "PATCH", &plain_path, Some(json!({ "labels": { "zone": "b" } }))).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        // The admin may.
+        assert_eq!(as_key(&k, &k.key, Some("acme"), "DELETE", &path, None).await.0, StatusCode::NO_CONTENT);
+    }
+}

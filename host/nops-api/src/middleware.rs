@@ -249,7 +249,8 @@ pub(crate) async fn authenticate(
         ));
     }
     let rate = crate::ratelimit::check(&state, &principal, &tenant, &route, req.method()).await?;
-    let resource = resource_attributes(&req, &route);
+    let mut resource = resource_attributes(&req, &route);
+    add_agent_labels(&state, &tenant, action, &mut resource).await?;
     let source = req.extensions().get::<axum::extract::ConnectInfo<std::net::SocketAddr>>().map(|c| c.0.ip());
     let decision = state
         .authorizer
@@ -279,6 +280,41 @@ fn credential_method(bearer: &str) -> &'static str {
         "jwt"
     } else {
         "unknown"
+    }
+}
+
+/// Actions whose policy may depend on the agent's labels (the shipped policy protects agents
+/// labelled `protected=true` from everyone but admins). Reads and heartbeats are not among
+/// them, so the hot paths never read the store here.
+const LABELLED_AGENT_ACTIONS: [&str; 2] = ["agents:write", "agents:delete"];
+
+/// For a change to one agent, its labels as `resource.labels` (`key=value` texts). An agent
+/// that does not exist (or an id that does not parse) gets none: the handler answers 404/400.
+async fn add_agent_labels(
+    state: &AppState,
+    tenant: &TenantId,
+    action: &str,
+    resource: &mut Vec<Attribute>,
+) -> Result<(), ApiError> {
+    if !LABELLED_AGENT_ACTIONS.contains(&action)
+        || !resource.iter().any(|a| a.name == "kind" && a.value == Value::Text("agents".into()))
+    {
+        return Ok(());
+    }
+    let Some(id) = resource.iter().find(|a| a.name == "id").and_then(|a| match &a.value {
+        Value::Text(id) => id.parse::<nops_core::agent::AgentId>().ok(),
+        _ => None,
+    }) else {
+        return Ok(());
+    };
+    match state.registry.get(tenant, id).await {
+        Ok(agent) => {
+            let labels = agent.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            resource.push(Attribute { name: "labels".into(), value: Value::Texts(labels) });
+            Ok(())
+        }
+        Err(CoreError::NotFound { .. }) => Ok(()),
+        Err(other) => Err(other.into()),
     }
 }
 
