@@ -392,3 +392,23 @@ async fn agents_labelled_protected_are_changed_by_admins_only() {
         assert_eq!(as_key(&k, &k.key, Some("acme"), "DELETE", &path, None).await.0, StatusCode::NO_CONTENT);
     }
 }
+
+#[tokio::test]
+async fn viewers_see_secret_labels_masked_as_the_policy_obliges() {
+    for k in TestKernel::all().await {
+        let body = json!({ "name": "vault-edge", "labels": { "secret": "hunter2", "zone": "a" } });
+        let (status, agent) = as_key(&k, &k.key, Some("acme"), "POST", "/api/v1/agents", Some(body)).await;
+        assert_eq!(status, StatusCode::CREATED, "{agent}");
+        let path = format!("/api/v1/agents/{}", agent["id"].as_str().expect("id"));
+        let (viewer, _) = create_key(&k, "acme", json!({ "name": "viewer", "role": "viewer" })).await;
+        let (status, seen) = as_key(&k, &viewer, None, "GET", &path, None).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(seen["labels"], json!({ "secret": "***", "zone": "a" }), "{:?}", k.backend);
+        let (_, page) = as_key(&k, &viewer, None, "GET", "/api/v1/agents", None).await;
+        assert_eq!(page["items"][0]["labels"]["secret"], "***");
+        assert!(!page.to_string().contains("hunter2"));
+        // Admins are under no such obligation.
+        let (_, full) = as_key(&k, &k.key, Some("acme"), "GET", &path, None).await;
+        assert_eq!(full["labels"]["secret"], "hunter2");
+    }
+}

@@ -86,8 +86,7 @@ impl Process {
         let status = self.terminate().await;
         assert!(status.success(), "a clean exit on SIGTERM:\n{}", output.lock().expect("lock"));
         tokio::time::sleep(Duration::from_millis(100)).await;
-        let text = output.lock().expect("lock").clone();
-        text
+        output.lock().expect("lock").clone()
     }
 
     pub(crate) fn bootstrap_key(&self) -> Option<String> {

@@ -266,10 +266,77 @@ pub(crate) async fn authenticate(
     if !decision.allow {
         return Err(ApiError::new(StatusCode::FORBIDDEN, "forbidden", "not allowed"));
     }
+    let masks = match label_masks(&decision.obligations) {
+        Ok(masks) => masks,
+        Err(unknown) => {
+            // An obligation the kernel cannot fulfil must not be dropped silently: deny.
+            tracing::warn!(target: "nops::decision", obligation = %unknown, "unknown obligation: request denied");
+            return Err(ApiError::new(StatusCode::FORBIDDEN, "forbidden", "not allowed"));
+        }
+    };
     req.extensions_mut().insert(RequestContext { principal, tenant, obligations: decision.obligations });
     let mut response = next.run(req).await;
+    if !masks.is_empty() {
+        response = mask_labels(response, &masks).await;
+    }
     rate.set_headers(response.headers_mut());
     Ok(response)
+}
+
+/// What a masked label's value becomes.
+pub(crate) const MASKED: &str = "***";
+/// Largest response body the label masks are applied to; a larger one is refused (500) rather
+/// than sent unmasked.
+const MASKED_BODY_BYTES_MAX: usize = 16 * 1024 * 1024;
+
+/// The label keys of the `["mask", "labels.<key>"]` obligations; the first obligation of any
+/// other form is an error.
+fn label_masks(obligations: &[(String, String)]) -> Result<Vec<String>, String> {
+    obligations
+        .iter()
+        .map(|(kind, target)| match (kind.as_str(), target.strip_prefix("labels.")) {
+            ("mask", Some(key)) if !key.is_empty() => Ok(key.to_string()),
+            _ => Err(format!("[{kind:?}, {target:?}]")),
+        })
+        .collect()
+}
+
+/// Replaces the value of every masked label in a JSON response (an agent, a page of agents,
+/// anything with a `labels` object) with [`MASKED`].
+async fn mask_labels(response: Response, masks: &[String]) -> Response {
+    let is_json =
+        response.headers().get(header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if !is_json || !response.status().is_success() {
+        return response;
+    }
+    let (mut parts, body) = response.into_parts();
+    let Ok(bytes) = axum::body::to_bytes(body, MASKED_BODY_BYTES_MAX).await else {
+        return ApiError::internal("a response to mask was too large").into_response();
+    };
+    let Ok(mut value) = serde_json::from_slice::<serde_json::Value>(&bytes) else {
+        return ApiError::internal("a response to mask was not JSON").into_response();
+    };
+    mask_in(&mut value, masks);
+    let bytes = serde_json::to_vec(&value).unwrap_or_default();
+    parts.headers.remove(header::CONTENT_LENGTH);
+    Response::from_parts(parts, Body::from(bytes))
+}
+
+fn mask_in(value: &mut serde_json::Value, masks: &[String]) {
+    match value {
+        serde_json::Value::Object(map) => {
+            if let Some(serde_json::Value::Object(labels)) = map.get_mut("labels") {
+                for key in masks {
+                    if let Some(v) = labels.get_mut(key) {
+                        *v = serde_json::Value::String(MASKED.into());
+                    }
+                }
+            }
+            map.values_mut().for_each(|v| mask_in(v, masks));
+        }
+        serde_json::Value::Array(items) => items.iter_mut().for_each(|v| mask_in(v, masks)),
+        _ => {}
+    }
 }
 
 /// The method a credential looks like, for failure metrics.
