@@ -29,3 +29,16 @@ if command -v python3 >/dev/null 2>&1; then
 else
     echo "setup: python3 not found; the tests that need requirements-dev.txt will skip (and fail under CI=true)" >&2
 fi
+
+# promtool (from Debian's `prometheus` package) checks the rules in deploy/prometheus/ in the
+# tests; without it that test skips, and fails under CI=true.
+if ! command -v promtool >/dev/null 2>&1; then
+    if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get install -y --no-install-recommends prometheus >/dev/null 2>&1 ||
+            { apt-get update >/dev/null && apt-get install -y --no-install-recommends prometheus >/dev/null; } ||
+            echo "setup: installing promtool (apt-get install prometheus) failed" >&2
+    else
+        echo "setup: promtool not found; install the prometheus package (e.g. sudo apt-get install prometheus)" >&2
+    fi
+fi

@@ -73,6 +73,13 @@ impl TestDb {
     }
 }
 
+impl TestDb {
+    /// A database the test manages itself (e.g. on a private server), kept after the test.
+    pub fn at(url: String) -> Self {
+        Self { url, dir: tempfile::tempdir().expect("tempdir"), pg_name: None }
+    }
+}
+
 impl Drop for TestDb {
     fn drop(&mut self) {
         if let Some(name) = self.pg_name.take() {

@@ -118,6 +118,16 @@ pub struct Services {
     pub metrics: Metrics,
     /// The plugin lifecycle and calls (`None` when the runtime is off).
     pub plugins: Option<Arc<nops_core::plugin::service::PluginService>>,
+    /// Routing decisions, agent health and circuit breakers.
+    pub routing: Arc<nops_core::routing::RoutingService>,
+    /// Chaos toggles of this kernel.
+    pub chaos: Arc<nops_core::chaos::Chaos>,
+    /// SLOs measured by this kernel.
+    pub slo: Arc<nops_core::slo::SloService>,
+    /// Task dispatch: submit, read, pull and complete tasks.
+    pub dispatch: Arc<nops_core::dispatch::TaskService>,
+    /// Degraded modes: dependency states and the spool of critical writes.
+    pub degraded: Arc<nops_core::degraded::DegradedModes>,
     /// Edge limits.
     pub http: HttpConfig,
     /// When the kernel started.

@@ -68,7 +68,11 @@ const EXEMPT_FROM_IN_FLIGHT: &[&str] = &["/health", "/metrics"];
         (name = "meta", description = "This document (public)."),
         (name = "agents", description = "The agent registry, heartbeats and lifecycle events."),
         (name = "plugins", description = "Upload, activate, roll back, shadow, delete and call WebAssembly plugins."),
+        (name = "routing", description = "Route decisions over healthy agents; agent health and circuit breakers."),
+        (name = "tasks", description = "Task dispatch: submit tasks and read their results; agents pull work and report results."),
         (name = "keys", description = "API keys: create, list, show, rotate with a grace period, revoke; and who is calling."),
+        (name = "chaos", description = "Chaos toggles: latency, errors and drops injected on purpose (admins only)."),
+        (name = "slo", description = "SLOs: SLIs, burn rates, error budgets and burn-rate alerts."),
     ),
     components(schemas(ErrorBody, ErrorDetail)),
 )]
@@ -102,6 +106,10 @@ fn api_routes(upload_bytes_max: usize) -> OpenApiRouter<AppState> {
         .merge(routes::agents::router())
         .merge(routes::plugins::router(upload_bytes_max))
         .merge(routes::admin_keys::router())
+        .merge(routes::tasks::router())
+        .merge(routes::admin_chaos::router())
+        .merge(routes::slo::router())
+        .merge(routes::route::router())
 }
 
 /// The public route modules (no credential).

@@ -8,11 +8,17 @@
 pub mod agent;
 pub mod auth;
 pub mod authz;
+pub mod chaos;
 pub mod clock;
+pub mod degraded;
+pub mod dispatch;
 pub mod error;
+pub mod health;
 pub mod metrics;
 pub mod plugin;
 pub mod registry;
+pub mod routing;
+pub mod slo;
 pub mod store;
 pub mod tenant;
 

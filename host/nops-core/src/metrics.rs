@@ -69,6 +69,63 @@ pub struct Metrics {
     pub plugin_shadow_diffs_total: IntCounterVec,
     /// Shadow calls skipped because too many were running.
     pub plugin_shadow_skipped_total: IntCounter,
+    /// Chaos toggle faults on now (value 1), by target, tenant (`*` for kernel-wide) and fault
+    /// (`latency`, `error`, `drop`); a series disappears when its toggle goes off.
+    pub chaos_toggle: IntGaugeVec,
+    /// Faults injected by chaos toggles, by target and fault.
+    pub chaos_injections_total: IntCounterVec,
+    /// Chaos toggle changes by kind (`created`, `deleted`, `expired`).
+    pub chaos_events_total: IntCounterVec,
+    /// Burn rate of each SLO's error budget over each alert window (1 = spending exactly the
+    /// budget over the SLO window).
+    pub slo_burn_rate: prometheus::GaugeVec,
+    /// The SLI of each SLO over each alert window (share of good events, 0 to 1).
+    pub slo_sli: prometheus::GaugeVec,
+    /// Multi-window burn-rate alerts firing now (1) or not (0), by SLO and severity.
+    pub slo_alert_firing: IntGaugeVec,
+    /// Share of each SLO's error budget left over its window (negative when overspent).
+    pub slo_error_budget_remaining_ratio: prometheus::GaugeVec,
+    /// Route decisions by who ranked the candidates (`plugin`, `builtin`, `none` when no agent
+    /// qualified).
+    pub route_decisions_total: IntCounterVec,
+    /// Route decisions answered by the built-in power-of-two-choices because the scorer failed
+    /// or none is active, by reason (`no_scorer` or the plugin failure's label).
+    pub route_fallbacks_total: IntCounterVec,
+    /// Duration of one route decision, in seconds.
+    pub route_duration_seconds: Histogram,
+    /// Health score of each agent in [0, 1] (at most `metrics_agents_max` agents exported).
+    pub agent_health: prometheus::GaugeVec,
+    /// Dynamic weight of each agent (at most `metrics_agents_max` agents exported).
+    pub agent_weight: prometheus::GaugeVec,
+    /// Agents by circuit breaker state (`closed`, `open`, `half_open`).
+    pub circuit_breaker_state: IntGaugeVec,
+    /// Circuit breaker transitions by target state.
+    pub circuit_breaker_transitions_total: IntCounterVec,
+    /// Tasks that reached a final status, by status (`succeeded`, `failed`).
+    pub tasks_total: IntCounterVec,
+    /// Task attempts by outcome (`success`, `failure`, `timeout`).
+    pub task_attempts_total: IntCounterVec,
+    /// Duration of task attempts by delivery mode (`push`, `pull`), in seconds.
+    pub task_attempt_duration_seconds: HistogramVec,
+    /// Retries of tasks (attempts after the first).
+    pub task_retries_total: IntCounter,
+    /// Pull attempts waiting in agents' queues (kernel-wide, as of the last sweep).
+    pub task_queue_depth: IntGauge,
+    /// Results that arrived after their attempt had ended or their task had finished, and were
+    /// discarded, by delivery mode.
+    pub task_late_results_total: IntCounterVec,
+    /// Tasks this kernel is driving now.
+    pub tasks_driving: IntGauge,
+    /// Task results written to the local spool because the store was unavailable.
+    pub task_results_spooled_total: IntCounter,
+    /// 1 while a dependency (`store`) is degraded, else 0.
+    pub dependency_degraded: IntGaugeVec,
+    /// Writes waiting in the local spool.
+    pub spool_records: IntGauge,
+    /// Bytes waiting in the local spool.
+    pub spool_bytes: IntGauge,
+    /// Spooled writes replayed, by result (`applied`, `rejected`).
+    pub spool_replayed_total: IntCounterVec,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -84,7 +141,7 @@ const PLUGIN_LATENCY_BUCKETS_SECONDS: &[f64] = &[
 ];
 
 /// Latency buckets for HTTP and store calls, in seconds (50 µs to 10 s).
-const LATENCY_BUCKETS_SECONDS: &[f64] =
+pub const LATENCY_BUCKETS_SECONDS: &[f64] =
     &[0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0];
 
 impl Metrics {
@@ -137,6 +194,18 @@ impl Metrics {
         reg(Box::new(plugin_call_duration_seconds.clone()));
         let gauge_vec = |name: &str, help: &str, labels: &[&str]| {
             let m = IntGaugeVec::new(Opts::new(name, help), labels)
+                .unwrap_or_else(|e| unreachable!("static metric {name}: {e}"));
+            reg(Box::new(m.clone()));
+            m
+        };
+        let route_duration_seconds = Histogram::with_opts(
+            HistogramOpts::new("route_duration_seconds", "Duration of one route decision in seconds")
+                .buckets(PLUGIN_LATENCY_BUCKETS_SECONDS.to_vec()),
+        )
+        .unwrap_or_else(|e| unreachable!("static metric: {e}"));
+        reg(Box::new(route_duration_seconds.clone()));
+        let float_gauge_vec = |name: &str, help: &str, labels: &[&str]| {
+            let m = prometheus::GaugeVec::new(Opts::new(name, help), labels)
                 .unwrap_or_else(|e| unreachable!("static metric {name}: {e}"));
             reg(Box::new(m.clone()));
             m
@@ -213,6 +282,88 @@ impl Metrics {
             api_key_rotations_total: counter("api_key_rotations_total", "API key rotations"),
             api_key_events_total: counter_vec("api_key_events_total", "API key events by kind", &["event"]),
             rate_limited_total: counter_vec("rate_limited_total", "Requests refused by a rate limit", &["limit"]),
+            chaos_toggle: gauge_vec(
+                "chaos_toggle",
+                "Chaos toggle faults on now, by target, tenant and fault",
+                &["target", "tenant", "fault"],
+            ),
+            chaos_injections_total: counter_vec(
+                "chaos_injections_total",
+                "Faults injected by chaos toggles, by target and fault",
+                &["target", "fault"],
+            ),
+            chaos_events_total: counter_vec("chaos_events_total", "Chaos toggle changes by kind", &["event"]),
+            slo_burn_rate: float_gauge_vec(
+                "slo_burn_rate",
+                "Error budget burn rate of each SLO over each alert window",
+                &["slo", "window"],
+            ),
+            slo_sli: float_gauge_vec("slo_sli", "SLI of each SLO over each alert window", &["slo", "window"]),
+            slo_alert_firing: gauge_vec(
+                "slo_alert_firing",
+                "Multi-window burn-rate alerts firing, by SLO and severity",
+                &["slo", "severity"],
+            ),
+            slo_error_budget_remaining_ratio: float_gauge_vec(
+                "slo_error_budget_remaining_ratio",
+                "Share of each SLO's error budget left over its window",
+                &["slo"],
+            ),
+            route_decisions_total: counter_vec(
+                "route_decisions_total",
+                "Route decisions by who ranked the candidates",
+                &["source"],
+            ),
+            route_fallbacks_total: counter_vec(
+                "route_fallbacks_total",
+                "Route decisions answered by the built-in fallback, by reason",
+                &["reason"],
+            ),
+            route_duration_seconds,
+            agent_health: float_gauge_vec("agent_health", "Health score of an agent in [0, 1]", &["agent"]),
+            agent_weight: float_gauge_vec("agent_weight", "Dynamic weight of an agent", &["agent"]),
+            circuit_breaker_state: gauge_vec("circuit_breaker_state", "Agents by circuit breaker state", &["state"]),
+            circuit_breaker_transitions_total: counter_vec(
+                "circuit_breaker_transitions_total",
+                "Circuit breaker transitions by target state",
+                &["to"],
+            ),
+            tasks_total: counter_vec("tasks_total", "Tasks that reached a final status", &["status"]),
+            task_attempts_total: counter_vec("task_attempts_total", "Task attempts by outcome", &["outcome"]),
+            task_attempt_duration_seconds: {
+                let m = HistogramVec::new(
+                    HistogramOpts::new("task_attempt_duration_seconds", "Duration of task attempts in seconds")
+                        .buckets(LATENCY_BUCKETS_SECONDS.iter().copied().chain([30.0, 60.0, 300.0]).collect()),
+                    &["mode"],
+                )
+                .unwrap_or_else(|e| unreachable!("static metric: {e}"));
+                reg(Box::new(m.clone()));
+                m
+            },
+            task_retries_total: counter("task_retries_total", "Task attempts after the first"),
+            task_queue_depth: gauge("task_queue_depth", "Pull attempts waiting in agents' queues"),
+            task_late_results_total: counter_vec(
+                "task_late_results_total",
+                "Results that arrived after their attempt ended and were discarded",
+                &["mode"],
+            ),
+            tasks_driving: gauge("tasks_driving", "Tasks this kernel is driving"),
+            task_results_spooled_total: counter(
+                "task_results_spooled_total",
+                "Task results written to the local spool because the store was unavailable",
+            ),
+            dependency_degraded: gauge_vec(
+                "dependency_degraded",
+                "1 while a dependency is degraded (unreachable), else 0",
+                &["dependency"],
+            ),
+            spool_records: gauge("spool_records", "Writes waiting in the local spool"),
+            spool_bytes: gauge("spool_bytes", "Bytes waiting in the local spool"),
+            spool_replayed_total: counter_vec(
+                "spool_replayed_total",
+                "Spooled writes replayed when their dependency returned, by result",
+                &["result"],
+            ),
             registry,
         }
     }

@@ -13,8 +13,17 @@
 //! retried). Nothing else: registrations, updates, deletions and status changes are written
 //! before the request returns. After a restart an agent's last-seen time is at most one flush
 //! interval old, which the TTL thresholds (seconds to minutes) absorb.
+//!
+//! # Routing index
+//! Routing never reads the store: the registry keeps every agent's name, endpoint, labels and
+//! capabilities in memory, indexed by tenant and capability name, each entry holding the
+//! agent's [`HealthCell`]. The index changes with the store: on create, update, delete and TTL
+//! removal (after the store write succeeded), and at load. An agent registered through another
+//! kernel on the same database enters the index with its first heartbeat here (its
+//! definition is read then); a definition changed through another kernel is seen after a
+//! restart or when the agent re-registers.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -29,6 +38,7 @@ use crate::agent::{
     Agent, AgentEvent, AgentEventKind, AgentId, AgentPatch, AgentStatus, Load, NewAgent, validate_definition,
 };
 use crate::clock::Clock;
+use crate::health::{HealthCell, HealthConfig, HealthTable};
 use crate::metrics::Metrics;
 use crate::store::{AgentFilter, AgentLiveSeed, HeartbeatRecord, StatusChange, Store, StoreError};
 use crate::tenant::TenantId;
@@ -144,6 +154,102 @@ impl LiveEntry {
     }
 }
 
+/// Agents read per page when the routing index is built at load.
+const INDEX_LOAD_PAGE_ROWS: u32 = 2_000;
+
+/// What the routing index keeps about one agent.
+#[derive(Debug)]
+pub struct IndexedAgent {
+    /// The agent.
+    pub id: AgentId,
+    /// Its tenant.
+    pub tenant: TenantId,
+    /// Its name.
+    pub name: String,
+    /// Where pushed work goes.
+    pub endpoint: Option<String>,
+    /// Its labels.
+    pub labels: BTreeMap<String, String>,
+    /// Its capabilities' names and versions.
+    pub capabilities: Vec<(String, semver::Version)>,
+    /// Its health entry.
+    pub health: Arc<HealthCell>,
+}
+
+impl IndexedAgent {
+    /// The highest version of capability `name` that `requirement` accepts.
+    pub fn best_version(&self, name: &str, requirement: &VersionReq) -> Option<&semver::Version> {
+        self.capabilities.iter().filter(|(n, v)| n == name && requirement.matches(v)).map(|(_, v)| v).max()
+    }
+
+    /// Whether the agent carries every label in `labels`.
+    pub fn has_labels(&self, labels: &BTreeMap<String, String>) -> bool {
+        labels.iter().all(|(k, v)| self.labels.get(k) == Some(v))
+    }
+}
+
+/// Agents with one capability in one tenant: a vector for sampling by position, and each
+/// agent's position for O(1) removal.
+#[derive(Debug, Default)]
+struct CapabilitySet {
+    items: Vec<Arc<IndexedAgent>>,
+    positions: HashMap<AgentId, usize>,
+}
+
+impl CapabilitySet {
+    fn insert(&mut self, agent: Arc<IndexedAgent>) {
+        if self.positions.contains_key(&agent.id) {
+            return;
+        }
+        self.positions.insert(agent.id, self.items.len());
+        self.items.push(agent);
+    }
+
+    fn remove(&mut self, id: AgentId) {
+        if let Some(position) = self.positions.remove(&id) {
+            self.items.swap_remove(position);
+            if let Some(moved) = self.items.get(position) {
+                self.positions.insert(moved.id, position);
+            }
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct AgentIndex {
+    agents: HashMap<AgentId, Arc<IndexedAgent>>,
+    by_capability: HashMap<TenantId, HashMap<String, CapabilitySet>>,
+}
+
+impl AgentIndex {
+    fn insert(&mut self, agent: Arc<IndexedAgent>) {
+        self.remove(agent.id);
+        let sets = self.by_capability.entry(agent.tenant.clone()).or_default();
+        for (name, _) in &agent.capabilities {
+            sets.entry(name.clone()).or_default().insert(agent.clone());
+        }
+        self.agents.insert(agent.id, agent);
+    }
+
+    fn remove(&mut self, id: AgentId) -> Option<Arc<IndexedAgent>> {
+        let agent = self.agents.remove(&id)?;
+        if let Some(sets) = self.by_capability.get_mut(&agent.tenant) {
+            for (name, _) in &agent.capabilities {
+                if let Some(set) = sets.get_mut(name) {
+                    set.remove(id);
+                    if set.items.is_empty() {
+                        sets.remove(name);
+                    }
+                }
+            }
+            if sets.is_empty() {
+                self.by_capability.remove(&agent.tenant);
+            }
+        }
+        Some(agent)
+    }
+}
+
 /// A listing request.
 #[derive(Debug, Clone, Default)]
 pub struct AgentQuery {
@@ -204,6 +310,10 @@ pub struct Registry {
     last_flush_at_ms: AtomicI64,
     last_sweep_at_ms: AtomicI64,
     last_error: Mutex<Option<String>>,
+    /// Agents by tenant and capability, for routing.
+    index: std::sync::RwLock<AgentIndex>,
+    /// Health of every indexed agent.
+    health: Arc<HealthTable>,
 }
 
 impl std::fmt::Debug for Registry {
@@ -227,7 +337,14 @@ impl Registry {
         config: RegistryConfig,
     ) -> CoreResult<Self> {
         config.ttl.validate()?;
+        let health = Arc::new(HealthTable::new(
+            HealthConfig { stale_after_ms: config.ttl.stale_after_ms, ..HealthConfig::default() },
+            clock.clone(),
+            metrics.clone(),
+        ));
         Ok(Self {
+            index: std::sync::RwLock::new(AgentIndex::default()),
+            health,
             store,
             clock,
             metrics,
@@ -241,20 +358,94 @@ impl Registry {
         })
     }
 
+    /// Uses `health` as the health table (instead of one with default settings); call before
+    /// [`Registry::load`].
+    pub fn with_health(mut self, health: Arc<HealthTable>) -> Self {
+        self.health = health;
+        self
+    }
+
+    /// The health table the heartbeats feed.
+    pub fn health_table(&self) -> &Arc<HealthTable> {
+        &self.health
+    }
+
     /// The registry's settings.
     pub fn config(&self) -> &RegistryConfig {
         &self.config
     }
 
-    /// Loads every agent's live seed from the store.
+    /// Loads every agent's live seed from the store, and every definition into the routing
+    /// index.
     pub async fn load(&self) -> CoreResult<usize> {
         let seeds = self.store.load_live_seeds().await?;
         let count = seeds.len();
         for seed in seeds {
             self.live.insert(seed.id, LiveEntry::from_seed(seed));
         }
+        let mut filter = AgentFilter::default();
+        loop {
+            let page = self.store.list_agents(&filter, INDEX_LOAD_PAGE_ROWS).await?;
+            for agent in &page {
+                let last_seen_ms = self.live.get(&agent.id).map_or(agent.updated_at_ms, |e| e.last_seen_ms);
+                self.index_insert(agent, last_seen_ms);
+            }
+            match page.last() {
+                Some(last) if page.len() == INDEX_LOAD_PAGE_ROWS as usize => filter.after = Some(last.id),
+                _ => break,
+            }
+        }
         self.refresh_status_gauges();
         Ok(count)
+    }
+
+    fn index_write(&self) -> std::sync::RwLockWriteGuard<'_, AgentIndex> {
+        // The index is rebuilt entry by entry under the lock; a panic mid-way leaves at worst
+        // one agent half-indexed, which its next change repairs.
+        self.index.write().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn index_insert(&self, agent: &Agent, last_seen_ms: i64) {
+        let health = self.health.cell(agent.id, &agent.tenant, last_seen_ms);
+        let indexed = Arc::new(IndexedAgent {
+            id: agent.id,
+            tenant: agent.tenant.clone(),
+            name: agent.name.clone(),
+            endpoint: agent.endpoint.clone(),
+            labels: agent.labels.clone(),
+            capabilities: agent.capabilities.iter().map(|c| (c.name.clone(), c.version.clone())).collect(),
+            health,
+        });
+        self.index_write().insert(indexed);
+    }
+
+    fn index_remove(&self, id: AgentId) {
+        self.index_write().remove(id);
+        self.health.remove(id);
+    }
+
+    /// Runs `f` over the indexed agents of `tenant` having capability `name` (under the
+    /// index's read lock: keep `f` short).
+    pub fn with_candidates<R>(&self, tenant: &TenantId, name: &str, f: impl FnOnce(&[Arc<IndexedAgent>]) -> R) -> R {
+        let index = self.index.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let items = index.by_capability.get(tenant).and_then(|sets| sets.get(name)).map_or(&[][..], |s| &s.items[..]);
+        f(items)
+    }
+
+    /// How many agents of `tenant` have capability `name`.
+    pub fn capability_count(&self, tenant: &TenantId, name: &str) -> usize {
+        self.with_candidates(tenant, name, <[_]>::len)
+    }
+
+    /// The indexed definition of agent `id`, if it belongs to `tenant`.
+    pub fn indexed(&self, tenant: &TenantId, id: AgentId) -> Option<Arc<IndexedAgent>> {
+        let index = self.index.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+        index.agents.get(&id).filter(|a| &a.tenant == tenant).cloned()
+    }
+
+    /// Agents in the routing index.
+    pub fn indexed_len(&self) -> usize {
+        self.index.read().unwrap_or_else(std::sync::PoisonError::into_inner).agents.len()
     }
 
     /// Registers an agent in `tenant`.
@@ -294,6 +485,7 @@ impl Registry {
             },
         );
         self.metrics.agents.with_label_values(&["healthy"]).inc();
+        self.index_insert(&agent, now_ms);
         Ok(agent)
     }
 
@@ -338,6 +530,8 @@ impl Registry {
                 None => Err(CoreError::NotFound { what: "agent" }),
             };
         }
+        let last_seen_ms = self.live.get(&id).map_or(now_ms, |e| e.last_seen_ms);
+        self.index_insert(&next, last_seen_ms);
         Ok(next)
     }
 
@@ -360,6 +554,7 @@ impl Registry {
         if self.live.remove_if(&id, |_, e| &e.tenant == tenant).is_some() {
             self.metrics.agents.with_label_values(&[status.as_str()]).dec();
         }
+        self.index_remove(id);
         Ok(())
     }
 
@@ -431,6 +626,10 @@ impl Registry {
                     message: format!("the kernel holds at most {} agents (agents_max)", self.config.agents_max).into(),
                 });
             }
+            // Its definition, for the routing index (rare: once per agent per kernel).
+            if let Some(agent) = self.store.get_agent(tenant, id).await? {
+                self.index_insert(&agent, now_ms);
+            }
             // Two first heartbeats may race here: the first seed wins, the second is dropped.
             if let dashmap::Entry::Vacant(vacant) = self.live.entry(id) {
                 self.metrics.agents.with_label_values(&[seed.status.as_str()]).inc();
@@ -443,6 +642,7 @@ impl Registry {
                 return Err(CoreError::NotFound { what: "agent" });
             }
             entry.last_seen_ms = now_ms;
+            self.health.heartbeat(id, tenant, now_ms, &load);
             entry.heartbeat = Some((now_ms, load));
             if entry.status != AgentStatus::Healthy {
                 // Revived: healthy now in memory; the change and its event are written with
@@ -611,6 +811,7 @@ impl Registry {
             let to = change.event.to_status;
             if change.remove {
                 self.live.remove(&id);
+                self.index_remove(id);
             } else if let Some(mut entry) = self.live.get_mut(&id) {
                 if entry.last_seen_ms > change.last_seen_at_or_before_ms {
                     // A heartbeat arrived while this sweep was writing: the agent stays
@@ -640,6 +841,7 @@ impl Registry {
             }
             None => {
                 self.live.remove(&id);
+                self.index_remove(id);
             }
         }
         Ok(())

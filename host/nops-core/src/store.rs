@@ -330,7 +330,81 @@ pub trait RateLimitStore: Send + Sync + 'static {
     async fn gcra_purge_expired(&self, now_ms: i64) -> Result<u64, StoreError>;
 }
 
-/// Everything the kernel stores.
-pub trait Store: AgentStore + KeyStore + PluginKv + PluginStore + StoreHealth + RateLimitStore {}
+/// Durable storage of dispatched tasks and their attempts (see [`crate::dispatch`]).
+#[async_trait]
+pub trait TaskStore: Send + Sync + 'static {
+    /// Inserts a new task. Fails with [`StoreError::LimitExceeded`] (nothing written) when its
+    /// tenant already has `active_max` queued or running tasks.
+    async fn insert_task(&self, task: &crate::dispatch::TaskRecord, active_max: u32) -> Result<(), StoreError>;
+    /// The task with this id in `tenant` (any tenant when `None`).
+    async fn get_task(
+        &self,
+        tenant: Option<&TenantId>,
+        id: Uuid,
+    ) -> Result<Option<crate::dispatch::TaskRecord>, StoreError>;
+    /// Tasks of `tenant`, optionally in one status, ordered by id, after `after`, at most `limit`.
+    async fn list_tasks(
+        &self,
+        tenant: &TenantId,
+        status: Option<crate::dispatch::TaskStatus>,
+        after: Option<Uuid>,
+        limit: u32,
+    ) -> Result<Vec<crate::dispatch::TaskRecord>, StoreError>;
+    /// A task's attempts, oldest first.
+    async fn list_attempts(&self, task: Uuid) -> Result<Vec<crate::dispatch::AttemptRecord>, StoreError>;
+    /// One attempt.
+    async fn get_attempt(&self, task: Uuid, attempt: u32)
+    -> Result<Option<crate::dispatch::AttemptRecord>, StoreError>;
+    /// Starts `attempt` in one transaction if `owner` still drives its task, the task is
+    /// unfinished and its latest attempt is older: inserts the attempt, marks the task running
+    /// on it and extends the lease to `lease_until_ms`. A pull attempt not yet delivered is
+    /// refused with [`crate::dispatch::StartVerdict::QueueFull`] when its agent's queue holds
+    /// `queue_depth_max` attempts.
+    async fn start_attempt(
+        &self,
+        attempt: &crate::dispatch::AttemptRecord,
+        owner: &str,
+        lease_until_ms: i64,
+        queue_depth_max: u32,
+    ) -> Result<crate::dispatch::StartVerdict, StoreError>;
+    /// Records the end of an attempt if it is the first for the task's current, unfinished
+    /// attempt (a success finishes the task with its output, in the same transaction). A late
+    /// answer of the agent (superseded attempt, finished task) marks the attempt `late` and
+    /// changes nothing else.
+    async fn finish_attempt(
+        &self,
+        report: &crate::dispatch::AttemptReport,
+    ) -> Result<crate::dispatch::Verdict, StoreError>;
+    /// Marks an unfinished task driven by `owner` failed with `error`; false when it had
+    /// finished or another kernel drives it.
+    async fn fail_task(&self, id: Uuid, owner: &str, error: &str, at_ms: i64) -> Result<bool, StoreError>;
+    /// Hands the oldest queued pull attempt of `agent` in `tenant` to it (marks it delivered at
+    /// `now_ms`); `None` when its queue is empty.
+    async fn claim_next_pull(
+        &self,
+        tenant: &TenantId,
+        agent: AgentId,
+        now_ms: i64,
+    ) -> Result<Option<crate::dispatch::PulledAttempt>, StoreError>;
+    /// Extends the lease of every unfinished task `owner` drives to `lease_until_ms`.
+    async fn renew_task_leases(&self, owner: &str, lease_until_ms: i64) -> Result<u64, StoreError>;
+    /// Claims for `owner`, until `lease_until_ms`, at most `limit` unfinished tasks whose lease
+    /// ran out before `now_ms` (their kernel stopped, or none had a free driver); returns their
+    /// ids. Each task is claimed by one kernel only.
+    async fn claim_orphaned_tasks(
+        &self,
+        owner: &str,
+        now_ms: i64,
+        lease_until_ms: i64,
+        limit: u32,
+    ) -> Result<Vec<Uuid>, StoreError>;
+    /// Deletes at most `limit` tasks (with their attempts) finished before `before_ms`.
+    async fn purge_finished_tasks(&self, before_ms: i64, limit: u32) -> Result<u64, StoreError>;
+    /// Pull attempts waiting in agents' queues, kernel-wide.
+    async fn pull_queue_depth(&self) -> Result<u64, StoreError>;
+}
 
-impl<T: AgentStore + KeyStore + PluginKv + PluginStore + StoreHealth + RateLimitStore> Store for T {}
+/// Everything the kernel stores.
+pub trait Store: AgentStore + KeyStore + PluginKv + PluginStore + StoreHealth + RateLimitStore + TaskStore {}
+
+impl<T: AgentStore + KeyStore + PluginKv + PluginStore + StoreHealth + RateLimitStore + TaskStore> Store for T {}

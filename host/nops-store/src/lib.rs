@@ -1784,3 +1784,5 @@ mod tests {
 }
 mod commit;
 mod ratelimit;
+pub mod spool;
+mod tasks;

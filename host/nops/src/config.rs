@@ -181,6 +181,199 @@ pub struct FileConfig {
     pub auth: FileAuth,
     pub authz: FileAuthz,
     pub plugins: FilePlugins,
+    /// `[chaos]`: limits of the chaos toggles.
+    pub chaos: nops_core::chaos::ChaosConfig,
+    /// `[[slo]]`: the SLOs [default: `api-availability` 99.9 % and `api-latency` 99 % within
+    /// 250 ms, both over `/api/v1` and 30 days].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub slo: Option<Vec<nops_core::slo::SloSpec>>,
+    /// `[[slo_alert]]`: the multi-window burn-rate alert rules, applied to every SLO [default:
+    /// page 14.4 over 1h/5m and 6 over 6h/30m, ticket 3 over 1d/2h and 1 over 3d/6h].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub slo_alert: Option<Vec<nops_core::slo::AlertSpec>>,
+    pub routing: FileRouting,
+    /// `[dispatch]`: task dispatch limits (timeouts, retries, queues, leases).
+    pub dispatch: nops_core::dispatch::DispatchConfig,
+    /// `[degraded]`: the criticality matrix and the local spool of critical writes.
+    pub degraded: DegradedSettings,
+}
+
+/// The `[degraded]` section: what the kernel buffers while its database is down.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DegradedSettings {
+    /// Most writes the local spool holds [default: 100000].
+    pub spool_records_max: u64,
+    /// Most bytes the local spool holds [default: 268435456, 256 MiB].
+    pub spool_bytes_max: u64,
+    /// How often the database is probed, in ms [default: 1000].
+    pub probe_interval_ms: u64,
+    /// Longest a probe waits, in ms [default: 2000].
+    pub probe_timeout_ms: u64,
+    /// `[degraded.criticality]`: overrides of the criticality matrix, e.g.
+    /// `shadow_diff = "critical"` [default: task_result and audit_event critical, heartbeat
+    /// essential, key_usage and shadow_diff best effort].
+    pub criticality: std::collections::BTreeMap<nops_core::degraded::WriteClass, nops_core::degraded::Criticality>,
+}
+
+impl Default for DegradedSettings {
+    fn default() -> Self {
+        let limits = nops_store::spool::SpoolLimits::default();
+        let probe = nops_core::degraded::DegradedConfig::default();
+        Self {
+            spool_records_max: limits.records_max,
+            spool_bytes_max: limits.bytes_max,
+            probe_interval_ms: probe.probe_interval_ms,
+            probe_timeout_ms: probe.probe_timeout_ms,
+            criticality: std::collections::BTreeMap::new(),
+        }
+    }
+}
+
+impl DegradedSettings {
+    fn validate(&self) -> anyhow::Result<()> {
+        for (name, value) in [
+            ("spool_records_max", self.spool_records_max),
+            ("spool_bytes_max", self.spool_bytes_max),
+            ("probe_interval_ms", self.probe_interval_ms),
+            ("probe_timeout_ms", self.probe_timeout_ms),
+        ] {
+            anyhow::ensure!(value > 0, "[degraded] {name} must be positive");
+        }
+        Ok(())
+    }
+
+    /// The core settings.
+    pub fn core(&self) -> nops_core::degraded::DegradedConfig {
+        nops_core::degraded::DegradedConfig {
+            matrix: nops_core::degraded::CriticalityMatrix::with_overrides(&self.criticality),
+            probe_interval_ms: self.probe_interval_ms,
+            probe_timeout_ms: self.probe_timeout_ms,
+        }
+    }
+
+    /// The spool's limits.
+    pub fn spool_limits(&self) -> nops_store::spool::SpoolLimits {
+        nops_store::spool::SpoolLimits { records_max: self.spool_records_max, bytes_max: self.spool_bytes_max }
+    }
+}
+
+/// The `[routing]` section, with its `[routing.health]` and `[routing.breaker]` subtables.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FileRouting {
+    /// Name of the scorer plugin consulted [default: `scorer`].
+    pub scorer: Option<String>,
+    /// Most agents one route request may ask for.
+    pub count_max: Option<u32>,
+    /// Most candidates scored per request.
+    pub candidates_max: Option<usize>,
+    /// Most indexed agents examined per request.
+    pub scan_max: Option<usize>,
+    /// Health scoring.
+    pub health: FileHealth,
+    /// The circuit breaker of each agent.
+    pub breaker: FileBreaker,
+}
+
+/// The `[routing.health]` subtable.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FileHealth {
+    pub latency_tau_ms: Option<u64>,
+    pub rate_tau_ms: Option<u64>,
+    pub latency_ref_ms: Option<f64>,
+    pub in_flight_ref: Option<f64>,
+    pub error_penalty: Option<f64>,
+    pub qps_floor: Option<f64>,
+    pub utilization_floor: Option<f64>,
+    pub metrics_agents_max: Option<usize>,
+}
+
+/// The `[routing.breaker]` subtable.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FileBreaker {
+    pub consecutive_failures_max: Option<u32>,
+    pub failure_ratio_max: Option<f64>,
+    pub window_attempts_min: Option<u32>,
+    pub window_ms: Option<u64>,
+    pub open_ms: Option<u64>,
+    pub open_ms_max: Option<u64>,
+    pub half_open_probes_max: Option<u32>,
+}
+
+/// Routing, health scoring and circuit breakers, resolved.
+#[derive(Debug, Clone, Default)]
+pub struct RoutingSettings {
+    /// Routing.
+    pub routing: nops_core::routing::RoutingConfig,
+    /// Health scoring and breakers (`stale_after_ms` comes from the lifecycle section).
+    pub health: nops_core::health::HealthConfig,
+}
+
+fn resolve_routing(file: &FileRouting, stale_after_ms: i64) -> anyhow::Result<RoutingSettings> {
+    let r = nops_core::routing::RoutingConfig::default();
+    let routing = nops_core::routing::RoutingConfig {
+        scorer: file.scorer.clone().unwrap_or(r.scorer),
+        count_max: file.count_max.unwrap_or(r.count_max),
+        candidates_max: file.candidates_max.unwrap_or(r.candidates_max),
+        scan_max: file.scan_max.unwrap_or(r.scan_max),
+    };
+    routing.validate().map_err(|e| anyhow::anyhow!("[routing] {e}"))?;
+    let h = nops_core::health::HealthConfig::default();
+    let (fh, fb) = (&file.health, &file.breaker);
+    let health = nops_core::health::HealthConfig {
+        stale_after_ms,
+        latency_tau_ms: fh.latency_tau_ms.unwrap_or(h.latency_tau_ms),
+        rate_tau_ms: fh.rate_tau_ms.unwrap_or(h.rate_tau_ms),
+        latency_ref_ms: fh.latency_ref_ms.unwrap_or(h.latency_ref_ms),
+        in_flight_ref: fh.in_flight_ref.unwrap_or(h.in_flight_ref),
+        error_penalty: fh.error_penalty.unwrap_or(h.error_penalty),
+        qps_floor: fh.qps_floor.unwrap_or(h.qps_floor),
+        utilization_floor: fh.utilization_floor.unwrap_or(h.utilization_floor),
+        metrics_agents_max: fh.metrics_agents_max.unwrap_or(h.metrics_agents_max),
+        breaker: nops_core::health::BreakerConfig {
+            consecutive_failures_max: fb.consecutive_failures_max.unwrap_or(h.breaker.consecutive_failures_max),
+            failure_ratio_max: fb.failure_ratio_max.unwrap_or(h.breaker.failure_ratio_max),
+            window_attempts_min: fb.window_attempts_min.unwrap_or(h.breaker.window_attempts_min),
+            window_ms: fb.window_ms.unwrap_or(h.breaker.window_ms),
+            open_ms: fb.open_ms.unwrap_or(h.breaker.open_ms),
+            open_ms_max: fb.open_ms_max.unwrap_or(h.breaker.open_ms_max),
+            half_open_probes_max: fb.half_open_probes_max.unwrap_or(h.breaker.half_open_probes_max),
+        },
+    };
+    health.validate().map_err(|e| anyhow::anyhow!("[routing] {e}"))?;
+    Ok(RoutingSettings { routing, health })
+}
+
+fn file_routing(settings: &RoutingSettings) -> FileRouting {
+    let (r, h, b) = (&settings.routing, &settings.health, &settings.health.breaker);
+    FileRouting {
+        scorer: Some(r.scorer.clone()),
+        count_max: Some(r.count_max),
+        candidates_max: Some(r.candidates_max),
+        scan_max: Some(r.scan_max),
+        health: FileHealth {
+            latency_tau_ms: Some(h.latency_tau_ms),
+            rate_tau_ms: Some(h.rate_tau_ms),
+            latency_ref_ms: Some(h.latency_ref_ms),
+            in_flight_ref: Some(h.in_flight_ref),
+            error_penalty: Some(h.error_penalty),
+            qps_floor: Some(h.qps_floor),
+            utilization_floor: Some(h.utilization_floor),
+            metrics_agents_max: Some(h.metrics_agents_max),
+        },
+        breaker: FileBreaker {
+            consecutive_failures_max: Some(b.consecutive_failures_max),
+            failure_ratio_max: Some(b.failure_ratio_max),
+            window_attempts_min: Some(b.window_attempts_min),
+            window_ms: Some(b.window_ms),
+            open_ms: Some(b.open_ms),
+            open_ms_max: Some(b.open_ms_max),
+            half_open_probes_max: Some(b.half_open_probes_max),
+        },
+    }
 }
 
 /// The `[authz]` section.
@@ -383,6 +576,16 @@ pub struct Config {
     pub auth: AuthSettings,
     /// Authorization settings.
     pub authz: nops_core::authz::AuthzConfig,
+    /// Limits of the chaos toggles.
+    pub chaos: nops_core::chaos::ChaosConfig,
+    /// SLOs and their alert rules, validated.
+    pub slo: nops_core::slo::SloConfig,
+    /// Routing, health scoring and circuit breakers.
+    pub routing: RoutingSettings,
+    /// Task dispatch, validated.
+    pub dispatch: nops_core::dispatch::DispatchConfig,
+    /// Degraded modes, validated.
+    pub degraded: DegradedSettings,
 }
 
 /// Token authentication, resolved.
@@ -486,7 +689,31 @@ impl Config {
         };
         let auth = resolve_auth(args, &file.auth)?;
         let authz = resolve_authz(args, &file.authz)?;
+        let routing = resolve_routing(&file.routing, registry.ttl.stale_after_ms)?;
+        let dispatch = file.dispatch.clone();
+        dispatch.validate().map_err(|e| anyhow::anyhow!("{e}"))?;
+        if dispatch.wait_ms_max >= http.request_timeout_ms {
+            anyhow::bail!(
+                "[dispatch] wait_ms_max ({}) must be shorter than [http] request_timeout_ms ({}), or long polls time out",
+                dispatch.wait_ms_max,
+                http.request_timeout_ms
+            );
+        }
+        file.chaos.validate().map_err(|e| anyhow::anyhow!("[chaos] {e}"))?;
+        file.degraded.validate()?;
+        let slo_defaults = nops_core::slo::SloConfig::default();
+        let slo = nops_core::slo::SloConfig {
+            slos: file.slo.clone().unwrap_or(slo_defaults.slos),
+            alerts: file.slo_alert.clone().unwrap_or(slo_defaults.alerts),
+            sample_interval_ms: slo_defaults.sample_interval_ms,
+        };
+        slo.validate().map_err(|e| anyhow::anyhow!("{e}"))?;
         Ok(Self {
+            dispatch,
+            degraded: file.degraded.clone(),
+            chaos: file.chaos,
+            slo,
+            routing,
             auth,
             authz,
             plugins,
@@ -558,6 +785,12 @@ impl Config {
                 policies: Some(self.authz.policies.clone()),
                 builtin_only: Some(self.authz.builtin_only),
             },
+            routing: file_routing(&self.routing),
+            dispatch: self.dispatch.clone(),
+            degraded: self.degraded.clone(),
+            chaos: self.chaos,
+            slo: Some(self.slo.slos.clone()),
+            slo_alert: Some(self.slo.alerts.clone()),
             plugins: FilePlugins {
                 dir: self.plugins.dir.clone(),
                 require_signed: Some(self.plugins.trust.require_signed),

@@ -9,10 +9,16 @@ use nops_api::{AppState, Services};
 use nops_core::auth::keys::{KeyConfig, KeyService};
 use nops_core::auth::{ApiKeyAuthenticator, BearerAuthenticator, GeneratedKey, KeyHasher, ensure_bootstrap_key};
 use nops_core::authz::PolicyAuthorizer;
+use nops_core::chaos::Chaos;
+use nops_core::chaos::store::ChaosStore;
 use nops_core::clock::Clock;
+use nops_core::degraded::DegradedModes;
+use nops_core::health::HealthTable;
 use nops_core::metrics::Metrics;
 use nops_core::plugin::service::{PluginConfig, PluginService};
 use nops_core::registry::Registry;
+use nops_core::routing::RoutingService;
+use nops_core::slo::SloService;
 use nops_core::store::Store;
 use nops_store::SqlStore;
 
@@ -32,6 +38,12 @@ pub struct Kernel {
     pub agents_loaded: usize,
     /// The plugin lifecycle.
     pub plugins: Arc<PluginService>,
+    /// Routing and agent health (also in `state`).
+    pub routing: Arc<RoutingService>,
+    /// Task dispatch (also in `state`), for its background work and tests.
+    pub dispatch: Arc<nops_core::dispatch::TaskService>,
+    /// Degraded modes (also in `state`): the store probe and the spool's replay.
+    pub degraded: Arc<DegradedModes>,
 }
 
 impl std::fmt::Debug for Kernel {
@@ -48,15 +60,38 @@ impl Kernel {
         std::fs::create_dir_all(&config.data_dir)
             .with_context(|| format!("creating the data directory {}", config.data_dir.display()))?;
         let sql = SqlStore::open(&config.store).await?;
-        let store: Arc<dyn Store> = Arc::new(sql.clone());
+        // Chaos toggles (off until an admin turns one on) wrap every store call; their own
+        // change events go to the undecorated store.
+        let chaos = Arc::new(Chaos::with(clock.clone(), metrics.clone(), Some(Arc::new(sql.clone())), config.chaos));
+        let remote = nops_core::store::StoreHealth::backend(&sql) == "postgres";
+        // Critical writes wait in a local spool while a remote database is down; a local
+        // SQLite store needs none (if it cannot be written, neither could the spool).
+        let spool: Option<Arc<dyn nops_core::degraded::Spool>> = if remote {
+            let path = config.data_dir.join("spool.db");
+            let spool = nops_store::spool::SqliteSpool::open(&path, config.degraded.spool_limits())
+                .await
+                .map_err(|e| anyhow::anyhow!("opening the spool {}: {e}", path.display()))?;
+            Some(Arc::new(spool))
+        } else {
+            None
+        };
+        let mut degraded = DegradedModes::new(config.degraded.core(), spool, clock.clone(), metrics.clone());
+        if remote {
+            degraded = degraded.failing_fast();
+        }
+        let degraded = Arc::new(degraded);
+        let store: Arc<dyn Store> =
+            Arc::new(ChaosStore::new(sql.clone(), chaos.clone()).with_degraded(degraded.clone()));
         let hasher =
             KeyHasher::new(config.api_key_pepper.as_deref().map(str::as_bytes)).map_err(|e| anyhow::anyhow!("{e}"))?;
         let bootstrap_key = ensure_bootstrap_key(store.as_ref(), &hasher, clock.now_ms())
             .await
             .context("creating the bootstrap key")?;
+        let health = Arc::new(HealthTable::new(config.routing.health.clone(), clock.clone(), metrics.clone()));
         let registry = Arc::new(
             Registry::new(store.clone(), clock.clone(), metrics.clone(), config.registry.clone())
-                .map_err(|e| anyhow::anyhow!("{e}"))?,
+                .map_err(|e| anyhow::anyhow!("{e}"))?
+                .with_health(health.clone()),
         );
         let agents_loaded = registry.load().await.context("loading the agent registry")?;
         let runtime = nops_runtime::Runtime::new(
@@ -65,19 +100,29 @@ impl Kernel {
                 instances_max: config.plugins.instances_max,
                 ..nops_runtime::RuntimeConfig::default()
             },
-            Arc::new(sql.clone()),
-            Arc::new(sql.clone()),
+            Arc::new(ChaosStore::new(sql.clone(), chaos.clone()).with_degraded(degraded.clone())),
+            Arc::new(ChaosStore::new(sql.clone(), chaos.clone()).with_degraded(degraded.clone())),
         )
         .map_err(|e| anyhow::anyhow!("starting the plugin runtime: {e:#}"))?;
-        let plugins = Arc::new(PluginService::new(
-            store.clone(),
-            Arc::new(runtime),
-            clock.clone(),
-            metrics.clone(),
-            PluginConfig { ceilings: config.plugins.ceilings.clone(), trust: config.plugins.trust.clone() },
-        ));
+        let plugins = Arc::new(
+            PluginService::new(
+                store.clone(),
+                Arc::new(runtime),
+                clock.clone(),
+                metrics.clone(),
+                PluginConfig { ceilings: config.plugins.ceilings.clone(), trust: config.plugins.trust.clone() },
+            )
+            .with_chaos(chaos.clone()),
+        );
         plugins.verify_chains().await.map_err(|e| anyhow::anyhow!("plugin provenance check failed: {e}"))?;
         plugins.sync().await.context("loading the active plugins")?;
+        let routing = Arc::new(RoutingService::new(
+            registry.clone(),
+            Some(plugins.clone()),
+            health,
+            metrics.clone(),
+            config.routing.routing.clone(),
+        ));
         let api_keys = Arc::new(ApiKeyAuthenticator::new(store.clone(), hasher, clock.clone()));
         let keys = Arc::new(KeyService::new(
             store.clone(),
@@ -87,6 +132,21 @@ impl Kernel {
             KeyConfig::default(),
         ));
         keys.refresh_metrics().await.context("counting the API keys")?;
+        let dispatch = Arc::new(
+            nops_core::dispatch::TaskService::new(
+                store.clone(),
+                routing.clone(),
+                Arc::new(crate::dispatch_http::HttpTaskTransport::new(config.dispatch.output_bytes_max)?),
+                chaos.clone(),
+                clock.clone(),
+                metrics.clone(),
+                config.dispatch.clone(),
+            )
+            .map_err(|e| anyhow::anyhow!("{e}"))?
+            .with_degraded(degraded.clone()),
+        );
+        degraded.set_sink(dispatch.clone());
+        let slo = Arc::new(SloService::new(config.slo.clone(), clock.clone(), metrics.clone()));
         let state = AppState::new(Services {
             registry: registry.clone(),
             store: store.clone(),
@@ -100,10 +160,15 @@ impl Kernel {
             clock,
             metrics,
             plugins: Some(plugins.clone()),
+            routing: routing.clone(),
+            chaos: chaos.clone(),
+            dispatch: dispatch.clone(),
+            degraded: degraded.clone(),
+            slo,
             http: config.http.clone(),
             started_at,
         });
-        Ok(Self { state, registry, store: sql, bootstrap_key, agents_loaded, plugins })
+        Ok(Self { state, registry, store: sql, bootstrap_key, agents_loaded, plugins, routing, dispatch, degraded })
     }
 
     /// The HTTP application.

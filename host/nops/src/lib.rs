@@ -3,6 +3,7 @@
 //! a whole kernel in process.
 
 pub mod config;
+pub mod dispatch_http;
 pub mod jwks_http;
 pub mod kernel;
 pub mod plugins_dir;

@@ -48,8 +48,12 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("listening on {}", config.listen))?;
     let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
+    let dispatch_sweeper = tokio::spawn(kernel.dispatch.clone().run_background(shutdown_rx.clone()));
+    let degraded_watch = tokio::spawn(kernel.degraded.clone().run(Arc::new(kernel.store.clone()), shutdown_rx.clone()));
     let background = tokio::spawn(kernel.registry.clone().run_background(shutdown_rx));
     let plugin_sync = tokio::spawn(kernel.plugins.clone().run_sync());
+    let chaos_expiry = tokio::spawn(kernel.state.chaos.clone().run_expiry());
+    let slo_sampler = tokio::spawn(kernel.state.slo.clone().run_sampler());
     let plugin_dir = config.plugins.dir.clone().map(|dir| {
         tracing::info!(dir = %dir.display(), "watching the plugins directory");
         tokio::spawn(nops::plugins_dir::watch(dir, kernel.plugins.clone()))
@@ -65,11 +69,19 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     tracing::info!("shutting down: flushing heartbeats");
     let _ = shutdown_tx.send(true);
     plugin_sync.abort();
+    chaos_expiry.abort();
+    slo_sampler.abort();
     if let Some(task) = plugin_dir {
         task.abort();
     }
     if let Err(err) = background.await {
         tracing::error!(error = %err, "background task failed");
+    }
+    if let Err(err) = dispatch_sweeper.await {
+        tracing::error!(error = %err, "dispatch sweeper failed");
+    }
+    if let Err(err) = degraded_watch.await {
+        tracing::error!(error = %err, "store watch failed");
     }
     kernel.store.close().await;
     tracing::info!("stopped");

@@ -92,6 +92,9 @@ struct HealthComponents {
     store: StoreComponent,
     /// The registry's background work.
     registry: RegistryComponent,
+    /// Dependencies seen down by the kernel's own probe and operations, the local spool of
+    /// critical writes waiting for them, and the criticality matrix.
+    degraded: nops_core::degraded::DegradedReport,
 }
 
 /// The store's health.
@@ -162,12 +165,13 @@ async fn health_extended(State(state): State<AppState>) -> impl IntoResponse {
     };
     let health = state.registry.health();
     let registry = RegistryComponent { status: if health.last_error.is_none() { "ok" } else { "degraded" }, health };
-    let all_ok = store.status == "ok" && registry.status == "ok";
+    let degraded = state.degraded.report();
+    let all_ok = store.status == "ok" && registry.status == "ok" && !degraded.degraded;
     let body = ExtendedHealth {
         status: if all_ok { "ok" } else { "degraded" },
         version: env!("CARGO_PKG_VERSION"),
         uptime_ms: state.started_at.elapsed().as_millis() as u64,
-        components: HealthComponents { store, registry },
+        components: HealthComponents { store, registry, degraded },
     };
     let status = if all_ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     (status, axum::Json(body))
@@ -192,6 +196,7 @@ async fn metrics(State(state): State<AppState>) -> Result<impl IntoResponse, Api
     state.metrics.store_pool_connections.set(i64::from(pool.size));
     state.metrics.store_pool_idle.set(i64::from(pool.idle));
     state.metrics.store_pool_max.set(i64::from(pool.max));
+    state.routing.health_table().refresh_metrics();
     let encoder = TextEncoder::new();
     let mut buffer = Vec::with_capacity(16 * 1024);
     encoder

@@ -1,9 +1,13 @@
 //! Route handlers, one module per resource.
 
+pub(crate) mod admin_chaos;
 pub(crate) mod admin_keys;
 pub(crate) mod agents;
 pub(crate) mod health;
 pub(crate) mod plugins;
+pub(crate) mod route;
+pub(crate) mod slo;
+pub(crate) mod tasks;
 
 use http::StatusCode;
 

@@ -304,6 +304,9 @@ const KEY_CACHE_ENTRIES_MAX: usize = 10_000;
 /// How long a cached key record is trusted before the store is asked again. A key revoked
 /// in the store stops working within this time.
 pub const KEY_CACHE_TTL_MS: i64 = 5_000;
+/// How long a cached key record keeps working while the store cannot be reached (degraded
+/// mode). Keys never seen within this time are refused with `503 store_unavailable`.
+pub const KEY_STALE_IF_ERROR_MS: i64 = 15 * 60 * 1000;
 
 /// What the authenticator remembers of a key: enough to decide without the store.
 #[derive(Debug, Clone)]
@@ -350,7 +353,22 @@ impl ApiKeyAuthenticator {
         {
             return Ok(Some(cached.clone()));
         }
-        let Some(record) = self.store.find_api_key(&hash).await?.filter(|r| hashes_equal(&r.hash, &hash)) else {
+        let found = match self.store.find_api_key(&hash).await {
+            Ok(found) => found,
+            Err(err) => {
+                // Degraded mode: while the store is down, a key seen recently keeps working
+                // (its revocation or expiry as last read still applies), so agents keep
+                // heartbeating and routing keeps answering through a database outage.
+                if let Some(cached) = self.cache.get(&hash)
+                    && now_ms - cached.cached_at_ms < KEY_STALE_IF_ERROR_MS
+                {
+                    tracing::debug!(error = %err, "store unavailable: using the last known key record");
+                    return Ok(Some(cached.clone()));
+                }
+                return Err(err.into());
+            }
+        };
+        let Some(record) = found.filter(|r| hashes_equal(&r.hash, &hash)) else {
             return Ok(None);
         };
         let id_text = record.id.to_string();

@@ -65,6 +65,7 @@ pub struct Loaded {
     latency: Histogram,
     fuel: IntCounter,
     memory: IntGauge,
+    deadline_ms: u64,
 }
 
 /// The version serving a plugin's calls, and the one shadowing it.
@@ -100,6 +101,8 @@ pub struct PluginService {
     generation: AtomicI64,
     changes: tokio::sync::Mutex<()>,
     shadow_in_flight: Arc<AtomicI64>,
+    /// Chaos toggles applied to calls (target `plugin`), when wired.
+    chaos: Option<Arc<crate::chaos::Chaos>>,
 }
 
 impl std::fmt::Debug for PluginService {
@@ -198,7 +201,16 @@ impl PluginService {
             generation: AtomicI64::new(-1),
             changes: tokio::sync::Mutex::new(()),
             shadow_in_flight: Arc::new(AtomicI64::new(0)),
+            chaos: None,
         }
+    }
+
+    /// Applies `chaos` toggles (target `plugin`, the plugin's tenant) to every call: an
+    /// injected error is a failure of the call (`unavailable`), a drop a timeout after the
+    /// plugin's deadline; either way the kind's failure semantics answer.
+    pub fn with_chaos(mut self, chaos: Arc<crate::chaos::Chaos>) -> Self {
+        self.chaos = Some(chaos);
+        self
     }
 
     /// Verifies every plugin's hash chain against the stored versions and states. The kernel
@@ -340,6 +352,7 @@ impl PluginService {
             latency: m.plugin_call_duration_seconds.with_label_values(&labels),
             fuel: m.plugin_fuel_used_total.with_label_values(&labels),
             memory: m.plugin_memory_high_water_bytes.with_label_values(&labels),
+            deadline_ms: manifest.limits.deadline_ms,
         }))
     }
 
@@ -697,7 +710,21 @@ impl PluginService {
                 format!("`{name}` is a {} plugin; it cannot answer this call", current.kind),
             ));
         }
-        let result = run_measured(&current, &ctx, &invocation).await;
+        let injected = match &self.chaos {
+            Some(chaos) => chaos.inject(crate::chaos::ChaosTarget::Plugin, tenant).await,
+            None => None,
+        };
+        let result = match injected {
+            None => run_measured(&current, &ctx, &invocation).await,
+            Some(crate::chaos::Injected::Error) => {
+                Err(CallError::Unavailable("error injected by a chaos toggle".into()))
+            }
+            Some(crate::chaos::Injected::Drop) => {
+                // Nobody answers: the caller waits out the deadline, as for a guest that hangs.
+                tokio::time::sleep(Duration::from_millis(current.deadline_ms)).await;
+                Err(CallError::Timeout(current.deadline_ms))
+            }
+        };
         if let Some(shadow) = active.shadow.clone() {
             self.shadow(tenant, name, &current, shadow, ctx, invocation.clone(), result.as_ref().ok().cloned());
         }

@@ -1,0 +1,210 @@
+//! Outages of real dependencies: a private PostgreSQL cluster, on its own port and directory,
+//! is stopped and started under a running kernel, so an outage test never disturbs the shared
+//! server the rest of the suite runs against.
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Under `CI=true` a missing server binary fails the test; elsewhere the test is skipped
+/// with a notice.
+fn missing(what: &str) {
+    assert!(std::env::var("CI").as_deref() != Ok("true"), "CI=true but {what} is missing: the outage tests cannot run");
+    eprintln!("skipping: {what} is missing");
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("a free port")
+}
+
+fn wait_for_port(port: u16, up: bool) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() == up {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("port {port} did not become {}", if up { "reachable" } else { "closed" });
+}
+
+fn run(command: &mut Command) {
+    let output = command.output().unwrap_or_else(|e| panic!("running {command:?}: {e}"));
+    assert!(
+        output.status.success(),
+        "{command:?} failed: {}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// A PostgreSQL cluster of this test's own, run as the `postgres` system user (PostgreSQL
+/// refuses to run as root).
+pub struct PrivatePostgres {
+    dir: tempfile::TempDir,
+    bin: PathBuf,
+    port: u16,
+}
+
+impl PrivatePostgres {
+    /// Creates and starts the cluster; `None` (outside CI) when PostgreSQL's server programs
+    /// are not installed.
+    pub fn start() -> Option<Self> {
+        let bin = std::fs::read_dir("/usr/lib/postgresql")
+            .ok()
+            .and_then(|versions| versions.filter_map(Result::ok).map(|e| e.path().join("bin")).max())
+            .filter(|bin| bin.join("initdb").exists());
+        let Some(bin) = bin else {
+            missing("PostgreSQL's server programs (/usr/lib/postgresql/*/bin)");
+            return None;
+        };
+        let dir = tempfile::tempdir().expect("tempdir");
+        run(Command::new("chown").arg("postgres").arg(dir.path()));
+        let data = dir.path().join("data");
+        run(Command::new("runuser")
+            .args(["-u", "postgres", "--"])
+            .arg(bin.join("initdb"))
+            .args(["-A", "trust", "-U", "postgres", "--no-sync", "-D"])
+            .arg(&data));
+        let cluster = Self { dir, bin, port: free_port() };
+        cluster.resume();
+        Some(cluster)
+    }
+
+    fn data(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    /// `postgres://…` of this cluster's `postgres` database.
+    pub fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+    }
+
+    fn pg_ctl(&self, args: &[&str]) -> Command {
+        let mut command = Command::new("runuser");
+        command.args(["-u", "postgres", "--"]).arg(self.bin.join("pg_ctl")).arg("-D").arg(self.data()).args(args);
+        command
+    }
+
+    /// Starts the server (again) on the same port and data.
+    pub fn resume(&self) {
+        let options =
+            format!("-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off", self.port, self.dir.path().display());
+        let log = self.dir.path().join("server.log");
+        run(&mut self.pg_ctl(&["-w", "-t", "60", "-o", &options, "-l", &log.display().to_string(), "start"]));
+        wait_for_port(self.port, true);
+    }
+
+    /// Stops the server: connections are cut at once (an outage, not a maintenance window).
+    pub fn stop(&self) {
+        run(&mut self.pg_ctl(&["-w", "-t", "60", "-m", "immediate", "stop"]));
+        wait_for_port(self.port, false);
+    }
+}
+
+impl Drop for PrivatePostgres {
+    fn drop(&mut self) {
+        let _ = self.pg_ctl(&["-m", "immediate", "stop"]).stdout(Stdio::null()).stderr(Stdio::null()).status();
+    }
+}
+
+/// Waits until `check` holds, polling; panics with `what` after 60 s.
+async fn eventually<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < deadline {
+        if check().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("timed out waiting for {what}");
+}
+
+/// PostgreSQL stops mid-run: the kernel keeps authenticating, taking heartbeats and routing;
+/// it refuses what needs the database with a clear 503; an agent's result is buffered on
+/// local disk (critical) and recorded once the database returns, so nothing critical is
+/// lost; `/health/extended` shows the degraded state, then the recovery.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_outage_keeps_the_fleet_served_and_loses_no_result() {
+    use http::StatusCode;
+    use serde_json::json;
+
+    use crate::support::{Backend, TestDb, TestKernel, agent_json};
+
+    let Some(pg) = PrivatePostgres::start() else { return };
+    let k = TestKernel::start_with(Backend::Postgres, TestDb::at(pg.url()), |_| {}).await;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(k.kernel.degraded.clone().run(std::sync::Arc::new(k.kernel.store.clone()), stop_rx));
+
+    // A pull agent takes a task before the outage.
+    let agent = k.create_agent(agent_json("puller", "work.echo", "1.0.0")).await;
+    let id = agent["id"].as_str().expect("id").to_string();
+    let task_body =
+        json!({ "capabilities": [{ "name": "work.echo" }], "input": { "n": 7 }, "attempt_timeout_ms": 120000 });
+    let (status, task) = k.call("POST", "/api/v1/tasks", Some(task_body.clone())).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{task}");
+    let task_id = task["id"].as_str().expect("task id").to_string();
+    let (status, delivery) = k.call("GET", &format!("/api/v1/agents/{id}/tasks/next?wait_ms=10000"), None).await;
+    assert_eq!(status, StatusCode::OK, "{delivery}");
+    assert_eq!(delivery["task_id"], task_id.as_str());
+
+    pg.stop();
+    eventually("the store probe to notice the outage", || async {
+        let (status, health) = k.call("GET", "/health/extended", None).await;
+        status == StatusCode::SERVICE_UNAVAILABLE && health["components"]["degraded"]["store"]["degraded"] == true
+    })
+    .await;
+    // Past the key cache's freshness: authentication now leans on the last known record.
+    k.clock.advance_ms(6_000);
+
+    let (status, ack) = k.call("POST", &format!("/api/v1/agents/{id}/heartbeat"), Some(json!({}))).await;
+    assert_eq!(status, StatusCode::OK, "heartbeats are kept in memory during the outage: {ack}");
+    let (status, route) =
+        k.call("POST", "/api/v1/route", Some(json!({ "capabilities": [{ "name": "work.echo" }] }))).await;
+    assert_eq!(status, StatusCode::OK, "routing answers from memory: {route}");
+    assert_eq!(route["chosen"][0]["id"], id.as_str());
+
+    let (status, refused) = k.call("POST", "/api/v1/agents", Some(agent_json("late", "work.echo", "1.0.0"))).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{refused}");
+    assert_eq!(refused["error"]["code"], "store_unavailable");
+    let (status, refused) = k.call("POST", "/api/v1/tasks", Some(task_body)).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "a new task needs the store: {refused}");
+
+    let result = json!({ "attempt": delivery["attempt"], "ok": true, "output": { "echo": 7 } });
+    let (status, buffered) =
+        k.call("POST", &format!("/api/v1/agents/{id}/tasks/{task_id}/result"), Some(result.clone())).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "the result is spooled: {buffered}");
+    assert_eq!(buffered["buffered"], true);
+
+    let (status, health) = k.call("GET", "/health/extended", None).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{health}");
+    let degraded = &health["components"]["degraded"];
+    assert_eq!(degraded["store"]["degraded"], true, "{health}");
+    assert_eq!(degraded["spool"]["records"], 1, "{health}");
+    assert_eq!(degraded["criticality"]["task_result"], "critical");
+    let (_, metrics) = k.send_text(k.request("GET", "/metrics", None)).await;
+    assert!(metrics.contains("nops_dependency_degraded{dependency=\"store\"} 1"), "{metrics}");
+
+    pg.resume();
+    eventually("the spooled result to be recorded", || async {
+        let (status, task) = k.call("GET", &format!("/api/v1/tasks/{task_id}"), None).await;
+        status == StatusCode::OK && task["status"] == "succeeded"
+    })
+    .await;
+    let (_, task) = k.call("GET", &format!("/api/v1/tasks/{task_id}"), None).await;
+    assert_eq!(task["output"], json!({ "echo": 7 }), "the buffered result is the one recorded: {task}");
+    let (status, again) = k.call("POST", &format!("/api/v1/agents/{id}/tasks/{task_id}/result"), Some(result)).await;
+    assert_eq!(status, StatusCode::OK, "the agent's retry is a duplicate, not a second result: {again}");
+    assert_eq!(again["duplicate"], true);
+    eventually("/health/extended to recover", || async {
+        let (status, health) = k.call("GET", "/health/extended", None).await;
+        status == StatusCode::OK && health["components"]["degraded"]["spool"]["records"] == 0
+    })
+    .await;
+    let _ = stop_tx.send(true);
+}
