@@ -153,6 +153,14 @@ async fn a_database_outage_keeps_the_fleet_served_and_loses_no_result() {
     assert_eq!(status, StatusCode::OK, "{delivery}");
     assert_eq!(delivery["task_id"], task_id.as_str());
 
+    // A chaos toggle (on a target the outage doesn't use) turned off during the outage: its
+    // audit event is critical.
+    let (status, toggle) = k
+        .call("POST", "/api/v1/admin/chaos", Some(json!({ "target": "dispatch", "latency_ms": 1, "note": "drill" })))
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{toggle}");
+    let toggle_id = toggle["id"].as_str().expect("toggle id").to_string();
+
     pg.stop();
     eventually("the store probe to notice the outage", || async {
         let (status, health) = k.call("GET", "/health/extended", None).await;
@@ -181,11 +189,14 @@ async fn a_database_outage_keeps_the_fleet_served_and_loses_no_result() {
     assert_eq!(status, StatusCode::ACCEPTED, "the result is spooled: {buffered}");
     assert_eq!(buffered["buffered"], true);
 
+    let (status, removed) = k.call("DELETE", &format!("/api/v1/admin/chaos/{toggle_id}"), None).await;
+    assert_eq!(status, StatusCode::OK, "a toggle always goes off: {removed}");
+
     let (status, health) = k.call("GET", "/health/extended", None).await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{health}");
     let degraded = &health["components"]["degraded"];
     assert_eq!(degraded["store"]["degraded"], true, "{health}");
-    assert_eq!(degraded["spool"]["records"], 1, "{health}");
+    assert_eq!(degraded["spool"]["records"], 2, "the result and the audit event wait on disk: {health}");
     assert_eq!(degraded["criticality"]["task_result"], "critical");
     let (_, metrics) = k.send_text(k.request("GET", "/metrics", None)).await;
     assert!(metrics.contains("nops_dependency_degraded{dependency=\"store\"} 1"), "{metrics}");
@@ -206,5 +217,15 @@ async fn a_database_outage_keeps_the_fleet_served_and_loses_no_result() {
         status == StatusCode::OK && health["components"]["degraded"]["spool"]["records"] == 0
     })
     .await;
+    let pool = sqlx::PgPool::connect(&pg.url()).await.expect("connect");
+    let events: Vec<(String, Vec<u8>)> =
+        sqlx::query_as("SELECT subject, payload FROM outbox WHERE subject = 'nops.chaos.deleted'")
+            .fetch_all(&pool)
+            .await
+            .expect("read the outbox");
+    pool.close().await;
+    assert_eq!(events.len(), 1, "the spooled audit event reached the outbox exactly once");
+    let payload: serde_json::Value = serde_json::from_slice(&events[0].1).expect("json payload");
+    assert_eq!(payload["toggle"]["id"], toggle_id.as_str(), "{payload}");
     let _ = stop_tx.send(true);
 }

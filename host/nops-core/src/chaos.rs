@@ -28,6 +28,7 @@ use uuid::Uuid;
 
 use crate::auth::{Principal, Role};
 use crate::clock::Clock;
+use crate::degraded::{Criticality, DegradedModes, SpooledEvent, WriteClass};
 use crate::metrics::Metrics;
 use crate::store::{OutboxEvent, PluginCommit, PluginEffects};
 use crate::tenant::TenantId;
@@ -274,6 +275,8 @@ pub struct Chaos {
     /// Where change events are written (the undecorated store: chaos never hits its own
     /// audit trail).
     outbox: Option<Arc<dyn PluginCommit>>,
+    /// Where change events wait while the store is down.
+    degraded: std::sync::OnceLock<Arc<DegradedModes>>,
     config: ChaosConfig,
 }
 
@@ -309,8 +312,15 @@ impl Chaos {
             clock,
             metrics,
             outbox,
+            degraded: std::sync::OnceLock::new(),
             config,
         }
+    }
+
+    /// Spools change events that cannot be written while the store is down (set once, at
+    /// wiring).
+    pub fn set_degraded(&self, degraded: Arc<DegradedModes>) {
+        let _ = self.degraded.set(degraded);
     }
 
     /// The limits in force.
@@ -503,8 +513,31 @@ impl Chaos {
     async fn after_removal(&self, kind: &'static str, toggle: &Toggle, actor: Option<&Principal>) {
         // A toggle always goes off, even when its event cannot be written (the store may be
         // the very thing that is down); the audit record is written regardless.
-        if let Err(err) = self.write_event(kind, toggle, actor, self.clock.now_ms()).await {
-            tracing::warn!(error = %err, toggle = %toggle.id, "writing the chaos {kind} event to the outbox failed");
+        let at_ms = self.clock.now_ms();
+        let written = if self.degraded.get().is_some_and(|d| d.fail_fast()) {
+            // The store is known to be down: don't wait out its timeouts.
+            Err(crate::store::StoreError::Backend("the store is unavailable (degraded mode)".into()))
+        } else {
+            self.write_event(kind, toggle, actor, at_ms).await
+        };
+        if let Err(err) = written {
+            // An audit event is critical: keep it in the local spool until the store returns.
+            let spooled = match self.degraded.get() {
+                Some(degraded) if degraded.criticality(WriteClass::AuditEvent) == Criticality::Critical => {
+                    let event = SpooledEvent {
+                        tenant: toggle.tenant.clone().unwrap_or_else(TenantId::default_tenant),
+                        subject: format!("nops.chaos.{kind}"),
+                        payload: Self::payload(kind, toggle, actor, at_ms),
+                        source: "kernel/chaos".into(),
+                    };
+                    let body = serde_json::to_value(&event).unwrap_or_default();
+                    degraded.spool(WriteClass::AuditEvent, format!("chaos/{}/{kind}", toggle.id), body).await.is_ok()
+                }
+                _ => false,
+            };
+            if !spooled {
+                tracing::warn!(error = %err, toggle = %toggle.id, "writing the chaos {kind} event to the outbox failed");
+            }
         }
         self.audit(kind, toggle, actor);
     }

@@ -19,7 +19,7 @@
 //! time.
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -28,7 +28,8 @@ use tokio::sync::watch;
 
 use crate::clock::Clock;
 use crate::metrics::Metrics;
-use crate::store::Store;
+use crate::store::{OutboxEvent, PluginCommit, PluginEffects, Store, StoreError};
+use crate::tenant::TenantId;
 
 /// How much a kind of write matters when its dependency is down.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, utoipa::ToSchema)]
@@ -319,7 +320,7 @@ pub struct DegradedModes {
     config: DegradedConfig,
     store: Dependency,
     spool: Option<Arc<dyn Spool>>,
-    sink: OnceLock<Arc<dyn SpoolSink>>,
+    sinks: Mutex<BTreeMap<WriteClass, Arc<dyn SpoolSink>>>,
     clock: Arc<dyn Clock>,
     metrics: Metrics,
     wake: tokio::sync::Notify,
@@ -342,7 +343,7 @@ impl DegradedModes {
             config,
             store: Dependency::default(),
             spool,
-            sink: OnceLock::new(),
+            sinks: Mutex::new(BTreeMap::new()),
             clock,
             metrics,
             wake: tokio::sync::Notify::new(),
@@ -373,9 +374,9 @@ impl DegradedModes {
         }
     }
 
-    /// Sets who replays spooled writes (once, at wiring).
-    pub fn set_sink(&self, sink: Arc<dyn SpoolSink>) {
-        let _ = self.sink.set(sink);
+    /// Sets who replays spooled writes of `class` (at wiring).
+    pub fn set_sink(&self, class: WriteClass, sink: Arc<dyn SpoolSink>) {
+        self.sinks.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(class, sink);
     }
 
     /// The criticality of `class`.
@@ -452,9 +453,11 @@ impl DegradedModes {
 
     /// Replays spooled writes until the spool is empty or the dependency fails again.
     async fn drain(&self) {
-        let (Some(spool), Some(sink)) = (&self.spool, self.sink.get()) else { return };
+        let Some(spool) = &self.spool else { return };
+        let sink = BySink(self.sinks.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone());
+        let sink = &sink;
         while spool.stats().records > 0 {
-            match replay_round(spool.as_ref(), sink.as_ref()).await {
+            match replay_round(spool.as_ref(), sink).await {
                 Ok(round) if round.blocked => {
                     self.store_failed("replaying the spool: the store is unavailable");
                     return;
@@ -470,6 +473,60 @@ impl DegradedModes {
                     return;
                 }
             }
+        }
+    }
+}
+
+/// Hands each spooled write to the sink of its class.
+struct BySink(BTreeMap<WriteClass, Arc<dyn SpoolSink>>);
+
+#[async_trait]
+impl SpoolSink for BySink {
+    async fn apply(&self, write: &SpooledWrite) -> Result<(), ApplyError> {
+        match self.0.get(&write.class) {
+            Some(sink) => sink.apply(write).await,
+            None => Err(ApplyError::Rejected(format!("no sink replays {} writes", write.class.as_str()))),
+        }
+    }
+}
+
+/// An outbox event as it waits in the spool.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SpooledEvent {
+    /// The event's tenant.
+    pub tenant: TenantId,
+    /// Its subject.
+    pub subject: String,
+    /// Its payload (JSON).
+    pub payload: serde_json::Value,
+    /// Who published it, e.g. `kernel/chaos`.
+    pub source: String,
+}
+
+/// Replays spooled audit events into the outbox. Each event's payload carries its own
+/// identity (e.g. a chaos toggle's id and what happened to it), which is what a consumer
+/// deduplicates by if a crash mid-replay writes one twice.
+pub struct OutboxSink(pub Arc<dyn PluginCommit>);
+
+#[async_trait]
+impl SpoolSink for OutboxSink {
+    async fn apply(&self, write: &SpooledWrite) -> Result<(), ApplyError> {
+        let event: SpooledEvent =
+            serde_json::from_value(write.body.clone()).map_err(|e| ApplyError::Rejected(e.to_string()))?;
+        let payload = serde_json::to_vec(&event.payload).map_err(|e| ApplyError::Rejected(e.to_string()))?;
+        let effects = PluginEffects {
+            writes: Vec::new(),
+            events: vec![OutboxEvent {
+                tenant: event.tenant,
+                subject: event.subject,
+                payload,
+                source: event.source.clone(),
+            }],
+        };
+        match self.0.commit_plugin_effects(&event.source, &effects, 0, write.at_ms).await {
+            Ok(()) => Ok(()),
+            Err(StoreError::Backend(message)) => Err(ApplyError::Unavailable(message)),
+            Err(err) => Err(ApplyError::Rejected(err.to_string())),
         }
     }
 }

@@ -12,7 +12,7 @@ use nops_core::authz::PolicyAuthorizer;
 use nops_core::chaos::Chaos;
 use nops_core::chaos::store::ChaosStore;
 use nops_core::clock::Clock;
-use nops_core::degraded::DegradedModes;
+use nops_core::degraded::{DegradedModes, OutboxSink, WriteClass};
 use nops_core::health::HealthTable;
 use nops_core::metrics::Metrics;
 use nops_core::plugin::service::{PluginConfig, PluginService};
@@ -145,7 +145,9 @@ impl Kernel {
             .map_err(|e| anyhow::anyhow!("{e}"))?
             .with_degraded(degraded.clone()),
         );
-        degraded.set_sink(dispatch.clone());
+        degraded.set_sink(WriteClass::TaskResult, dispatch.clone());
+        degraded.set_sink(WriteClass::AuditEvent, Arc::new(OutboxSink(Arc::new(sql.clone()))));
+        chaos.set_degraded(degraded.clone());
         let slo = Arc::new(SloService::new(config.slo.clone(), clock.clone(), metrics.clone()));
         let state = AppState::new(Services {
             registry: registry.clone(),
