@@ -7,7 +7,7 @@ run:
 	@scripts/setup.sh
 	@scripts/build-plugins.sh
 	@scripts/stage-plugins.sh .nops/plugins
-	cargo run --release --locked -p nops -- serve --log-format pretty --plugins-dir .nops/plugins
+	cargo run --release --locked -p nops -- serve --log-format pretty --plugins-dir .nops/plugins --routing-scorer scorer-weighted
 
 # Build everything and run the whole test suite (SQLite always; PostgreSQL when reachable).
 test:

@@ -422,11 +422,13 @@ impl DegradedModes {
         }
     }
 
-    /// Probes the store every `probe_interval_ms` and, while it answers, replays the spool;
-    /// until `shutdown`.
+    /// Probes the store every `probe_interval_ms` (it counts as down after
+    /// [`PROBE_FAILURES_TO_DEGRADE`] failures in a row) and, while it answers, replays the
+    /// spool; until `shutdown`.
     pub async fn run(self: Arc<Self>, store: Arc<dyn Store>, mut shutdown: watch::Receiver<bool>) {
         let interval = Duration::from_millis(self.config.probe_interval_ms.max(1));
         let timeout = Duration::from_millis(self.config.probe_timeout_ms.max(1));
+        let mut failures = 0u32;
         loop {
             let probe = match tokio::time::timeout(timeout, store.ping()).await {
                 Ok(Ok(())) => Ok(()),
@@ -435,12 +437,22 @@ impl DegradedModes {
             };
             match probe {
                 Ok(()) => {
+                    failures = 0;
                     if self.store.succeeded(self.clock.now_ms()) {
                         tracing::info!("the store is back: leaving degraded mode");
                     }
                     self.drain().await;
                 }
-                Err(error) => self.store_failed(&error),
+                Err(error) => {
+                    // One slow probe (a saturated pool, a pause) is not an outage: store calls
+                    // fail fast only after PROBE_FAILURES_TO_DEGRADE failures in a row.
+                    failures = failures.saturating_add(1);
+                    if failures >= PROBE_FAILURES_TO_DEGRADE {
+                        self.store_failed(&error);
+                    } else {
+                        tracing::debug!(%error, failures, "store probe failed");
+                    }
+                }
             }
             self.refresh_gauges();
             tokio::select! {
@@ -530,6 +542,9 @@ impl SpoolSink for OutboxSink {
         }
     }
 }
+
+/// Probe failures in a row before the store counts as down.
+pub const PROBE_FAILURES_TO_DEGRADE: u32 = 2;
 
 /// Longest failure message kept for `/health/extended`.
 const DEPENDENCY_ERROR_CHARS_MAX: usize = 300;

@@ -165,8 +165,11 @@ impl Default for RoutingConfig {
 impl RoutingConfig {
     /// Checks ranges.
     pub fn validate(&self) -> CoreResult<()> {
-        if self.scorer.is_empty() {
-            return Err(CoreError::invalid("invalid_config", "routing: scorer must name a plugin"));
+        if crate::plugin::validate_plugin_name(&self.scorer).is_err() {
+            return Err(CoreError::invalid(
+                "invalid_config",
+                format!("routing: scorer must be a plugin name, not {:?}", self.scorer),
+            ));
         }
         if self.count_max == 0 || self.candidates_max == 0 || self.scan_max < self.candidates_max {
             return Err(CoreError::invalid(

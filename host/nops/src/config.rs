@@ -112,6 +112,9 @@ pub struct ServeArgs {
     /// Most plugin instances alive at once (each reserves address space, not memory)
     #[arg(long, env = "NOPS_PLUGIN_INSTANCES_MAX", value_name = "N", help_heading = "Plugins")]
     pub plugin_instances_max: Option<u32>,
+    /// Name of the scorer plugin routing consults [default: `scorer`]
+    #[arg(long, env = "NOPS_ROUTING_SCORER", value_name = "NAME", help_heading = "Routing")]
+    pub routing_scorer: Option<String>,
     /// Break glass: ignore the governing policy plugins and authorize with the built-in
     /// tenant-isolation policy only
     #[arg(long, env = "NOPS_AUTHZ_BUILTIN_ONLY", value_name = "BOOL", help_heading = "Auth")]
@@ -312,10 +315,10 @@ pub struct RoutingSettings {
     pub health: nops_core::health::HealthConfig,
 }
 
-fn resolve_routing(file: &FileRouting, stale_after_ms: i64) -> anyhow::Result<RoutingSettings> {
+fn resolve_routing(args: &ServeArgs, file: &FileRouting, stale_after_ms: i64) -> anyhow::Result<RoutingSettings> {
     let r = nops_core::routing::RoutingConfig::default();
     let routing = nops_core::routing::RoutingConfig {
-        scorer: file.scorer.clone().unwrap_or(r.scorer),
+        scorer: args.routing_scorer.clone().or_else(|| file.scorer.clone()).unwrap_or(r.scorer),
         count_max: file.count_max.unwrap_or(r.count_max),
         candidates_max: file.candidates_max.unwrap_or(r.candidates_max),
         scan_max: file.scan_max.unwrap_or(r.scan_max),
@@ -689,7 +692,7 @@ impl Config {
         };
         let auth = resolve_auth(args, &file.auth)?;
         let authz = resolve_authz(args, &file.authz)?;
-        let routing = resolve_routing(&file.routing, registry.ttl.stale_after_ms)?;
+        let routing = resolve_routing(args, &file.routing, registry.ttl.stale_after_ms)?;
         let dispatch = file.dispatch.clone();
         dispatch.validate().map_err(|e| anyhow::anyhow!("{e}"))?;
         if dispatch.wait_ms_max >= http.request_timeout_ms {
@@ -1101,6 +1104,16 @@ mod tests {
         assert_eq!(config.registry.ttl.zombie_after_ms, 9000, "file over default");
         assert_eq!(config.registry.ttl.remove_after_ms, 600_000, "default");
         assert_eq!(config.store.database_url, "sqlite:///tmp/x/nops.db", "derived from data_dir");
+    }
+
+    #[test]
+    fn the_scorer_flag_overrides_the_routing_section() {
+        let (_dir, args) = with_file("[routing]\nscorer = \"from-file\"\n");
+        assert_eq!(Config::resolve(&args).expect("config").routing.routing.scorer, "from-file");
+        let args = ServeArgs { routing_scorer: Some("scorer-weighted".into()), ..args };
+        assert_eq!(Config::resolve(&args).expect("config").routing.routing.scorer, "scorer-weighted");
+        let bad = ServeArgs { routing_scorer: Some("Not A Name".into()), ..args };
+        assert!(Config::resolve(&bad).is_err(), "the name is checked like a plugin name");
     }
 
     #[test]
