@@ -15,7 +15,7 @@ use nops_core::routing::{CapabilityRequirement, RouteRequest};
 use nops_core::store::TaskStore;
 use serde_json::{Value, json};
 
-use crate::support::{T0_MS, TestKernel};
+use crate::support::{T0_MS, TestKernel, as_key};
 
 /// The capability every test agent offers.
 const CAPABILITY: &str = "demo.echo";
@@ -81,31 +81,6 @@ async fn push_agent(name: &'static str, behaviour: Behaviour) -> PushAgent {
         let _ = axum::serve(listener, app).await;
     });
     PushAgent { url: format!("http://{addr}/work"), received, answered_late }
-}
-
-/// Sends a request as `credential` acting in `tenant` (the credential's own when `None`).
-async fn as_key(
-    k: &TestKernel,
-    credential: &str,
-    tenant: Option<&str>,
-    method: &str,
-    path: &str,
-    body: Option<Value>,
-) -> (StatusCode, Value) {
-    let mut builder =
-        Request::builder().method(method).uri(path).header("authorization", format!("Bearer {credential}"));
-    if let Some(tenant) = tenant {
-        builder = builder.header("x-nops-tenant", tenant);
-    }
-    let request = match body {
-        Some(body) => builder
-            .header("content-type", "application/json")
-            .body(Body::from(serde_json::to_vec(&body).expect("json")))
-            .expect("request"),
-        None => builder.body(Body::empty()).expect("request"),
-    };
-    let (status, _, body) = k.send(request).await;
-    (status, body)
 }
 
 /// Registers an agent offering [`CAPABILITY`], pushed to `endpoint` or pulling; returns its id.

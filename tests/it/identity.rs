@@ -6,32 +6,7 @@ use axum::body::Body;
 use http::{Request, StatusCode};
 use serde_json::{Value, json};
 
-use crate::support::{TestKernel, agent_json};
-
-/// Sends `method path` with `credential` (acting in `tenant` if given).
-async fn as_key(
-    k: &TestKernel,
-    credential: &str,
-    tenant: Option<&str>,
-    method: &str,
-    path: &str,
-    body: Option<Value>,
-) -> (StatusCode, Value) {
-    let mut builder =
-        Request::builder().method(method).uri(path).header("authorization", format!("Bearer {credential}"));
-    if let Some(tenant) = tenant {
-        builder = builder.header("x-nops-tenant", tenant);
-    }
-    let request = match body {
-        Some(body) => builder
-            .header("content-type", "application/json")
-            .body(Body::from(serde_json::to_vec(&body).expect("json")))
-            .expect("request"),
-        None => builder.body(Body::empty()).expect("request"),
-    };
-    let (status, _, body) = k.send(request).await;
-    (status, body)
-}
+use crate::support::{TestKernel, agent_json, as_key};
 
 /// Creates a key with the bootstrap admin key, acting in `tenant`; returns (secret, id).
 async fn create_key(k: &TestKernel, tenant: &str, body: Value) -> (String, String) {

@@ -225,3 +225,29 @@ pub fn agent_json(name: &str, capability: &str, version: &str) -> Value {
         "capabilities": [{"name": capability, "version": version, "params": {}}],
     })
 }
+
+/// Sends `method path` with `credential` (any bearer token), acting in `tenant` if given
+/// (the credential's own tenant when `None`); returns status and JSON body.
+pub async fn as_key(
+    k: &TestKernel,
+    credential: &str,
+    tenant: Option<&str>,
+    method: &str,
+    path: &str,
+    body: Option<Value>,
+) -> (StatusCode, Value) {
+    let mut builder =
+        Request::builder().method(method).uri(path).header("authorization", format!("Bearer {credential}"));
+    if let Some(tenant) = tenant {
+        builder = builder.header("x-nops-tenant", tenant);
+    }
+    let request = match body {
+        Some(body) => builder
+            .header("content-type", "application/json")
+            .body(Body::from(serde_json::to_vec(&body).expect("json")))
+            .expect("request"),
+        None => builder.body(Body::empty()).expect("request"),
+    };
+    let (status, _, body) = k.send(request).await;
+    (status, body)
+}
