@@ -8,6 +8,7 @@
 pub mod agent;
 pub mod auth;
 pub mod authz;
+pub mod bus;
 pub mod chaos;
 pub mod clock;
 pub mod degraded;
