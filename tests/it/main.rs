@@ -7,13 +7,17 @@
 mod agents;
 mod attacks;
 mod bad_input;
+mod bus;
 mod chaos;
 mod dispatch;
+mod events;
 mod hardening;
 mod health;
 mod heartbeat;
+mod idempotency;
 mod identity;
 mod lifecycle;
+mod nats_client;
 mod openapi;
 mod outage;
 mod plugin_api;

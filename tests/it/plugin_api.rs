@@ -27,7 +27,7 @@ pub(crate) fn policy_document(name: &str) -> Vec<u8> {
 }
 
 /// A rule document that permits nothing: every decision is a deny.
-const DENY_ALL: &[u8] = br#"{"version": 1, "rules": []}"#;
+pub(crate) const DENY_ALL: &[u8] = br#"{"version": 1, "rules": []}"#;
 
 pub(crate) fn manifest(
     name: &str,
@@ -88,7 +88,7 @@ pub(crate) async fn upload(
     (status, body)
 }
 
-fn admin_request(tenant: &str, resource_tenant: &str) -> Value {
+pub(crate) fn admin_request(tenant: &str, resource_tenant: &str) -> Value {
     json!({ "authorize": {
         "action": "agents:read",
         "principal": [ { "name": "role", "value": "admin" }, { "name": "tenant", "value": tenant } ],
@@ -97,7 +97,7 @@ fn admin_request(tenant: &str, resource_tenant: &str) -> Value {
     }})
 }
 
-async fn upload_abac(k: &TestKernel, version: &str, config: &[u8], activate: bool) {
+pub(crate) async fn upload_abac(k: &TestKernel, version: &str, config: &[u8], activate: bool) {
     let component = wasm("policy_abac");
     let m = manifest("abac", version, PluginKind::Policy, &component, Some(config));
     let (status, body) = upload(k, &m, &component, Some(config), activate).await;

@@ -97,7 +97,7 @@ impl Process {
             .map(String::from)
     }
 
-    fn kill9(&mut self) {
+    pub(crate) fn kill9(&mut self) {
         let pid = self.child.id().expect("running");
         let status = std::process::Command::new("kill").args(["-9", &pid.to_string()]).status().expect("kill");
         assert!(status.success());

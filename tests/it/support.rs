@@ -30,6 +30,21 @@ pub fn postgres_url() -> Option<String> {
     }
 }
 
+/// The NATS server for tests, from `NOPS_TEST_NATS_URL`; under `CI=true` a missing variable
+/// fails the run rather than silently skipping the NATS half of the suite.
+pub fn nats_url() -> Option<String> {
+    match std::env::var("NOPS_TEST_NATS_URL") {
+        Ok(url) if !url.is_empty() => Some(url),
+        _ => {
+            assert!(
+                std::env::var("CI").as_deref() != Ok("true"),
+                "CI=true but NOPS_TEST_NATS_URL is not set: the NATS tests cannot run"
+            );
+            None
+        }
+    }
+}
+
 /// Which database a test kernel runs on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Backend {

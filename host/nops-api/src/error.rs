@@ -79,6 +79,14 @@ impl From<CoreError> for ApiError {
                     "the store is unavailable; retry later",
                 )
             },
+            CoreError::BusUnavailable(detail) => Self {
+                detail: Some(detail),
+                ..Self::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "bus_unavailable",
+                    "the event bus is unavailable; retry later",
+                )
+            },
             other => Self::internal(other.to_string()),
         }
     }

@@ -10,6 +10,7 @@ mod context;
 mod error;
 mod extract;
 mod hardening;
+mod idempotency;
 mod middleware;
 mod openapi;
 mod ratelimit;
@@ -30,6 +31,7 @@ pub use access::AccessTable;
 pub use context::RequestContext;
 pub use error::{ApiError, ErrorBody};
 pub use hardening::connection_refusal;
+pub use idempotency::{IdempotencyConfig, run_sweeper as run_idempotency_sweeper};
 pub use ratelimit::{LimiterSlot, OnStoreError, RateLimitConfig, RateQuota};
 
 /// Limits of the HTTP edge.
@@ -58,6 +60,8 @@ pub struct HttpConfig {
     pub rate_limits: RateLimitConfig,
     /// The in-process rate limiter state (a clone starts empty).
     pub limiter: LimiterSlot,
+    /// Idempotency keys on mutating endpoints.
+    pub idempotency: IdempotencyConfig,
 }
 
 impl Default for HttpConfig {
@@ -74,6 +78,7 @@ impl Default for HttpConfig {
             in_flight_max: 2_048,
             rate_limits: RateLimitConfig::default(),
             limiter: LimiterSlot::default(),
+            idempotency: IdempotencyConfig::default(),
         }
     }
 }
@@ -126,6 +131,8 @@ pub struct Services {
     pub slo: Arc<nops_core::slo::SloService>,
     /// Task dispatch: submit, read, pull and complete tasks.
     pub dispatch: Arc<nops_core::dispatch::TaskService>,
+    /// The event bus: publish, consumer groups, dead letters, replay.
+    pub events: Arc<nops_core::events::EventService>,
     /// Degraded modes: dependency states and the spool of critical writes.
     pub degraded: Arc<nops_core::degraded::DegradedModes>,
     /// Edge limits.
@@ -156,8 +163,10 @@ pub fn access_table() -> AccessTable {
 /// The kernel's HTTP application: the routes of [`openapi::assemble`] (the same registration
 /// that produces `/openapi.json`), `/api/v1` behind authentication.
 pub fn router(state: AppState) -> Router {
+    // Route layers added later run first: authentication, then idempotency keys.
     let (app, _document) = openapi::assemble(state.http.upload_bytes_max, |api| {
-        api.route_layer(axum::middleware::from_fn_with_state(state.clone(), middleware::authenticate))
+        api.route_layer(axum::middleware::from_fn_with_state(state.clone(), idempotency::idempotency))
+            .route_layer(axum::middleware::from_fn_with_state(state.clone(), middleware::authenticate))
     });
     let timeout = Duration::from_millis(state.http.request_timeout_ms);
     let body_bytes_max = state.http.body_bytes_max;

@@ -72,6 +72,7 @@ const EXEMPT_FROM_IN_FLIGHT: &[&str] = &["/health", "/metrics"];
         (name = "tasks", description = "Task dispatch: submit tasks and read their results; agents pull work and report results."),
         (name = "keys", description = "API keys: create, list, show, rotate with a grace period, revoke; and who is calling."),
         (name = "chaos", description = "Chaos toggles: latency, errors and drops injected on purpose (admins only)."),
+        (name = "events", description = "The event bus: publish, consumer groups (fetch, stream, ack), the dead-letter queue and replay."),
         (name = "slo", description = "SLOs: SLIs, burn rates, error budgets and burn-rate alerts."),
     ),
     components(schemas(ErrorBody, ErrorDetail)),
@@ -107,6 +108,7 @@ fn api_routes(upload_bytes_max: usize) -> OpenApiRouter<AppState> {
         .merge(routes::plugins::router(upload_bytes_max))
         .merge(routes::admin_keys::router())
         .merge(routes::tasks::router())
+        .merge(routes::events::router())
         .merge(routes::admin_chaos::router())
         .merge(routes::slo::router())
         .merge(routes::route::router())

@@ -276,9 +276,7 @@ impl From<BusError> for CoreError {
             BusError::StaleToken(message) => CoreError::Conflict { code: "stale_delivery", message: message.into() },
             BusError::LimitExceeded(message) => CoreError::LimitExceeded { message: message.into() },
             BusError::Conflict(message) => CoreError::Conflict { code: "consumer_conflict", message: message.into() },
-            BusError::Unavailable(detail) | BusError::Backend(detail) => {
-                CoreError::Store(crate::store::StoreError::Backend(format!("bus: {detail}")))
-            }
+            BusError::Unavailable(detail) | BusError::Backend(detail) => CoreError::BusUnavailable(detail),
         }
     }
 }
@@ -306,8 +304,13 @@ pub trait Bus: Send + Sync + 'static {
 
     /// Up to `max` deliveries for the group, waiting up to `wait` for the first when none is
     /// ready. Redeliveries due come first, then new events in sequence order.
-    async fn fetch(&self, tenant: &TenantId, consumer: &str, max: u32, wait: Duration)
-    -> Result<Vec<Delivery>, BusError>;
+    async fn fetch(
+        &self,
+        tenant: &TenantId,
+        consumer: &str,
+        max: u32,
+        wait: Duration,
+    ) -> Result<Vec<Delivery>, BusError>;
     /// Acks, nacks, extends or terminates one delivery of the group.
     async fn ack(&self, tenant: &TenantId, consumer: &str, token: &str, kind: AckKind) -> Result<(), BusError>;
 
@@ -386,13 +389,13 @@ pub fn validate_consumer(spec: &ConsumerSpec) -> Result<(), CoreError> {
         ));
     }
     if spec.backoff_ms.len() > BACKOFF_STEPS_MAX {
-        return Err(CoreError::invalid("invalid_consumer", format!("backoff_ms has at most {BACKOFF_STEPS_MAX} steps")));
-    }
-    if !(1..=DELIVERIES_MAX_MAX).contains(&spec.deliveries_max) {
         return Err(CoreError::invalid(
             "invalid_consumer",
-            format!("deliveries_max is 1 to {DELIVERIES_MAX_MAX}"),
+            format!("backoff_ms has at most {BACKOFF_STEPS_MAX} steps"),
         ));
+    }
+    if !(1..=DELIVERIES_MAX_MAX).contains(&spec.deliveries_max) {
+        return Err(CoreError::invalid("invalid_consumer", format!("deliveries_max is 1 to {DELIVERIES_MAX_MAX}")));
     }
     if spec.pending_max == 0 {
         return Err(CoreError::invalid("invalid_consumer", "pending_max is at least 1"));

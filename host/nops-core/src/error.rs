@@ -43,6 +43,9 @@ pub enum CoreError {
     /// The principal may not perform the action.
     #[error("forbidden")]
     Forbidden,
+    /// The event bus cannot be reached or failed; the detail is for logs only.
+    #[error("bus unavailable: {0}")]
+    BusUnavailable(String),
     /// The store failed; the detail is for logs only.
     #[error("store unavailable: {0}")]
     Store(#[from] crate::store::StoreError),

@@ -118,6 +118,22 @@ pub struct Metrics {
     pub tasks_driving: IntGauge,
     /// Task results written to the local spool because the store was unavailable.
     pub task_results_spooled_total: IntCounter,
+    /// Events published, by result (`accepted`, `duplicate`).
+    pub bus_events_total: IntCounterVec,
+    /// Deliveries to consumer groups, by kind (`first`, `redelivery`).
+    pub bus_deliveries_total: IntCounterVec,
+    /// Acks by kind and status.
+    pub bus_acks_total: IntCounterVec,
+    /// Dead letters re-driven or purged, by operation.
+    pub bus_dead_letter_ops_total: IntCounterVec,
+    /// Events queued again to a consumer group by a replay.
+    pub bus_replayed_total: IntCounter,
+    /// Outbox rows published to the bus.
+    pub outbox_relayed_total: IntCounter,
+    /// Outbox rows not yet published (as of the relay's last pass).
+    pub outbox_pending: IntGauge,
+    /// Relay passes that failed (store or bus unavailable).
+    pub outbox_relay_errors_total: IntCounter,
     /// 1 while a dependency (`store`) is degraded, else 0.
     pub dependency_degraded: IntGaugeVec,
     /// Writes waiting in the local spool.
@@ -126,6 +142,12 @@ pub struct Metrics {
     pub spool_bytes: IntGauge,
     /// Spooled writes replayed, by result (`applied`, `rejected`).
     pub spool_replayed_total: IntCounterVec,
+    /// Requests carrying an `Idempotency-Key`, by outcome: `kept` (ran, response kept),
+    /// `not_kept` (ran, response not kept: 5xx, 429 or too large), `replayed`, `key_reused`
+    /// (422), `in_flight` (409).
+    pub idempotency_requests_total: IntCounterVec,
+    /// Expired idempotency records deleted.
+    pub idempotency_purged_total: IntCounter,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -352,6 +374,18 @@ impl Metrics {
                 "task_results_spooled_total",
                 "Task results written to the local spool because the store was unavailable",
             ),
+            bus_events_total: counter_vec("bus_events_total", "Events published, by result", &["result"]),
+            bus_deliveries_total: counter_vec("bus_deliveries_total", "Deliveries to consumer groups", &["kind"]),
+            bus_acks_total: counter_vec("bus_acks_total", "Acks by kind and status", &["kind", "status"]),
+            bus_dead_letter_ops_total: counter_vec(
+                "bus_dead_letter_ops_total",
+                "Dead letters re-driven or purged",
+                &["op"],
+            ),
+            bus_replayed_total: counter("bus_replayed_total", "Events queued again to a consumer group by a replay"),
+            outbox_relayed_total: counter("outbox_relayed_total", "Outbox rows published to the bus"),
+            outbox_pending: gauge("outbox_pending", "Outbox rows not yet published"),
+            outbox_relay_errors_total: counter("outbox_relay_errors_total", "Outbox relay passes that failed"),
             dependency_degraded: gauge_vec(
                 "dependency_degraded",
                 "1 while a dependency is degraded (unreachable), else 0",
@@ -364,6 +398,12 @@ impl Metrics {
                 "Spooled writes replayed when their dependency returned, by result",
                 &["result"],
             ),
+            idempotency_requests_total: counter_vec(
+                "idempotency_requests_total",
+                "Requests carrying an Idempotency-Key, by outcome",
+                &["outcome"],
+            ),
+            idempotency_purged_total: counter("idempotency_purged_total", "Expired idempotency records deleted"),
             registry,
         }
     }

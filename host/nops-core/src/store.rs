@@ -404,7 +404,91 @@ pub trait TaskStore: Send + Sync + 'static {
     async fn pull_queue_depth(&self) -> Result<u64, StoreError>;
 }
 
-/// Everything the kernel stores.
-pub trait Store: AgentStore + KeyStore + PluginKv + PluginStore + StoreHealth + RateLimitStore + TaskStore {}
+/// A response kept under an idempotency key and replayed to retries.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IdempotentResponse {
+    /// The HTTP status.
+    pub status: u16,
+    /// The headers replayed with it, as (lower-case name, value).
+    pub headers: Vec<(String, String)>,
+    /// The body, byte for byte.
+    pub body: Vec<u8>,
+}
 
-impl<T: AgentStore + KeyStore + PluginKv + PluginStore + StoreHealth + RateLimitStore + TaskStore> Store for T {}
+/// The record of one idempotency key ([`IdempotencyStore`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IdempotencyRecord {
+    /// The fingerprint of the request that claimed the key (method, path, body digest).
+    pub fingerprint: Vec<u8>,
+    /// The execution that owns the key while it is in flight.
+    pub token: Uuid,
+    /// While in flight: after this time (ms since the Unix epoch) the owner is presumed dead.
+    pub locked_until_ms: i64,
+    /// When the record is forgotten (ms since the Unix epoch).
+    pub expires_at_ms: i64,
+    /// The response, once the request finished; `None` while it is in flight.
+    pub response: Option<IdempotentResponse>,
+}
+
+/// A request to claim an idempotency key for one execution.
+#[derive(Debug, Clone, Copy)]
+pub struct IdempotencyClaim<'a> {
+    /// Who asks: the authenticated caller and the tenant it acts in.
+    pub scope: &'a str,
+    /// The client's key.
+    pub key: &'a str,
+    /// The fingerprint of the request.
+    pub fingerprint: &'a [u8],
+    /// A fresh id of this execution.
+    pub token: Uuid,
+    /// Now (ms since the Unix epoch, the same time base on every replica).
+    pub now_ms: i64,
+    /// Until when the claim holds without completion.
+    pub locked_until_ms: i64,
+    /// When the record expires.
+    pub expires_at_ms: i64,
+}
+
+/// The answer to [`IdempotencyStore::idempotency_claim`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClaimOutcome {
+    /// The key is this execution's: run the request.
+    Claimed,
+    /// Another execution holds the key (in flight or complete); its record.
+    Existing(IdempotencyRecord),
+}
+
+/// Idempotency keys shared by every kernel on one database: inserting a key's row is its lock.
+#[async_trait]
+pub trait IdempotencyStore: Send + Sync + 'static {
+    /// Claims `(scope, key)` for `claim.token` in one atomic statement: a new key is inserted in
+    /// flight; an expired record, or one whose owner's lock ran out while in flight with the
+    /// same fingerprint, is taken over; otherwise the existing record is returned unchanged.
+    async fn idempotency_claim(&self, claim: &IdempotencyClaim<'_>) -> Result<ClaimOutcome, StoreError>;
+    /// Stores the response of the execution `token`; false when the key is no longer its own
+    /// (taken over or deleted), and nothing is written then.
+    async fn idempotency_complete(
+        &self,
+        scope: &str,
+        key: &str,
+        token: Uuid,
+        response: &IdempotentResponse,
+    ) -> Result<bool, StoreError>;
+    /// Deletes the in-flight record of the execution `token` (its response is not kept, so a
+    /// retry runs again); false when it was not its own.
+    async fn idempotency_release(&self, scope: &str, key: &str, token: Uuid) -> Result<bool, StoreError>;
+    /// Deletes at most `limit` records expired at `now_ms` (never one still locked in flight);
+    /// returns how many.
+    async fn idempotency_purge_expired(&self, now_ms: i64, limit: u32) -> Result<u64, StoreError>;
+}
+
+/// Everything the kernel stores.
+pub trait Store:
+    AgentStore + KeyStore + PluginKv + PluginStore + StoreHealth + RateLimitStore + TaskStore + IdempotencyStore
+{
+}
+
+impl<T: AgentStore + KeyStore + PluginKv + PluginStore + StoreHealth + RateLimitStore + TaskStore + IdempotencyStore>
+    Store for T
+{
+}

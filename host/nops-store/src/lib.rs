@@ -488,18 +488,38 @@ const EVENT_COLUMNS: &str = "seq, tenant, agent_id, kind, from_status, to_status
 const INSERT_EVENT: &str = "INSERT INTO agent_events (tenant, agent_id, kind, from_status, to_status, at_ms) \
      VALUES ($1, $2, $3, $4, $5, $6) RETURNING seq";
 
-/// Inserts `$event` within transaction `$tx` and evaluates to its `seq`.
+/// Inserts `$event` within transaction `$tx`, with its outbox row (subject
+/// `agents.<kind>`, for the bus relay), and evaluates to its `seq`.
 macro_rules! insert_event {
     ($tx:expr, $event:expr) => {
-        sqlx::query_scalar::<_, i64>(INSERT_EVENT)
-            .bind($event.tenant.as_str())
-            .bind($event.agent_id.0)
-            .bind($event.kind.as_str())
-            .bind($event.from_status.map(AgentStatus::as_str))
-            .bind($event.to_status.map(AgentStatus::as_str))
-            .bind($event.at_ms)
-            .fetch_one(&mut *$tx)
-            .await
+        async {
+            let seq = sqlx::query_scalar::<_, i64>(INSERT_EVENT)
+                .bind($event.tenant.as_str())
+                .bind($event.agent_id.0)
+                .bind($event.kind.as_str())
+                .bind($event.from_status.map(AgentStatus::as_str))
+                .bind($event.to_status.map(AgentStatus::as_str))
+                .bind($event.at_ms)
+                .fetch_one(&mut *$tx)
+                .await?;
+            let payload = serde_json::json!({
+                "seq": seq,
+                "agent_id": $event.agent_id.0,
+                "kind": $event.kind.as_str(),
+                "from_status": $event.from_status.map(AgentStatus::as_str),
+                "to_status": $event.to_status.map(AgentStatus::as_str),
+                "at_ms": $event.at_ms,
+            });
+            let outbox = OutboxEvent {
+                tenant: $event.tenant.clone(),
+                subject: format!("nops.agents.{}", $event.kind.as_str()),
+                payload: payload.to_string().into_bytes(),
+                source: "kernel/registry".to_string(),
+            };
+            insert_outbox!($tx, outbox, $event.at_ms)?;
+            Ok::<i64, sqlx::Error>(seq)
+        }
+        .await
     };
 }
 
@@ -1559,6 +1579,26 @@ impl PluginStore for SqlStore {
                             .execute(&mut *tx)
                             .await?;
                     }
+                    // The change's event, in the same transaction, for the bus relay.
+                    let event = OutboxEvent {
+                        tenant: entry.tenant.clone(),
+                        subject: format!("nops.plugins.{}", action.replace('-', "_")),
+                        payload: serde_json::json!({
+                            "name": &entry.name,
+                            "seq": entry.seq,
+                            "action": &action,
+                            "version": &entry_version,
+                            "digest": &entry.digest,
+                            "actor": &entry.actor,
+                            "at_ms": entry.at_ms,
+                            "active": state.as_ref().and_then(|(_, a, _)| a.clone()),
+                            "shadow": state.as_ref().and_then(|(_, _, s)| s.clone()),
+                        })
+                        .to_string()
+                        .into_bytes(),
+                        source: "kernel/plugins".to_string(),
+                    };
+                    insert_outbox!(tx, event, entry.at_ms)?;
                     sqlx::query(
                         "INSERT INTO plugin_generation (id, generation) VALUES (1, 1) \
                          ON CONFLICT (id) DO UPDATE SET generation = plugin_generation.generation + 1",
@@ -1782,7 +1822,10 @@ mod tests {
         assert_eq!(redact_url("sqlite://.nops/nops.db"), "sqlite://.nops/nops.db");
     }
 }
+pub mod bus;
 mod commit;
+mod idempotency;
+mod outbox;
 mod ratelimit;
 pub mod spool;
 mod tasks;

@@ -112,6 +112,14 @@ pub struct ServeArgs {
     /// Most plugin instances alive at once (each reserves address space, not memory)
     #[arg(long, env = "NOPS_PLUGIN_INSTANCES_MAX", value_name = "N", help_heading = "Plugins")]
     pub plugin_instances_max: Option<u32>,
+    /// NATS server of the event bus, e.g. nats://127.0.0.1:4222 [default: unset, the embedded
+    /// bus in the kernel's store]
+    #[arg(long, env = "NOPS_NATS_URL", value_name = "URL", hide_env_values = true, help_heading = "Event bus")]
+    pub nats_url: Option<String>,
+    /// Prefix of the streams, consumers and subjects the kernel creates on NATS; kernels that
+    /// share one NATS deployment and one prefix share one bus [default: NOPS]
+    #[arg(long, env = "NOPS_NATS_PREFIX", value_name = "PREFIX", help_heading = "Event bus")]
+    pub nats_prefix: Option<String>,
     /// Name of the scorer plugin routing consults [default: `scorer`]
     #[arg(long, env = "NOPS_ROUTING_SCORER", value_name = "NAME", help_heading = "Routing")]
     pub routing_scorer: Option<String>,
@@ -175,6 +183,11 @@ pub struct FileConfig {
     pub listen: Option<SocketAddr>,
     pub data_dir: Option<PathBuf>,
     pub database_url: Option<String>,
+    /// The event bus's NATS server (unset: the embedded bus).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub nats_url: Option<String>,
+    /// Prefix of the kernel's streams on NATS [default: NOPS].
+    pub nats_prefix: Option<String>,
     pub log_format: Option<LogFormat>,
     pub log: Option<String>,
     pub store: FileStore,
@@ -199,6 +212,14 @@ pub struct FileConfig {
     pub dispatch: nops_core::dispatch::DispatchConfig,
     /// `[degraded]`: the criticality matrix and the local spool of critical writes.
     pub degraded: DegradedSettings,
+    /// `[idempotency]`: `Idempotency-Key` on mutating endpoints (retention, limits).
+    pub idempotency: nops_api::IdempotencyConfig,
+    /// `[bus]`: the event log's dedupe window, retention and limits (both backends).
+    pub bus: nops_core::bus::BusConfig,
+    /// `[events]`: consumer group defaults and replay limits.
+    pub events: nops_core::events::EventsConfig,
+    /// `[outbox]`: the relay that publishes state-change events to the bus.
+    pub outbox: nops_core::outbox::OutboxConfig,
 }
 
 /// The `[degraded]` section: what the kernel buffers while its database is down.
@@ -589,6 +610,16 @@ pub struct Config {
     pub dispatch: nops_core::dispatch::DispatchConfig,
     /// Degraded modes, validated.
     pub degraded: DegradedSettings,
+    /// The event bus's NATS server; `None` is the embedded bus.
+    pub nats_url: Option<String>,
+    /// Prefix of the kernel's streams on NATS.
+    pub nats_prefix: String,
+    /// The event bus, validated.
+    pub bus: nops_core::bus::BusConfig,
+    /// Consumer group defaults and replay limits, validated.
+    pub events: nops_core::events::EventsConfig,
+    /// The outbox relay, validated.
+    pub outbox: nops_core::outbox::OutboxConfig,
 }
 
 /// Token authentication, resolved.
@@ -673,7 +704,9 @@ impl Config {
             list_limit_max: reg.list_limit_max,
         };
         registry.ttl.validate().map_err(|e| anyhow::anyhow!("{e}"))?;
-        let http = resolve_http(args, &file.http, &file.rate_limits, &store.database_url)?;
+        let mut http = resolve_http(args, &file.http, &file.rate_limits, &store.database_url)?;
+        file.idempotency.validate(http.request_timeout_ms).map_err(|e| anyhow::anyhow!("[idempotency] {e}"))?;
+        http.idempotency = file.idempotency.clone();
         let require_signed = args.plugins_require_signed.or(file.plugins.require_signed).unwrap_or(false);
         let trust = TrustPolicy::from_base64(require_signed, &file.plugins.trusted_keys)
             .map_err(|e| anyhow::anyhow!("[plugins] trusted_keys: {e}"))?;
@@ -711,7 +744,37 @@ impl Config {
             sample_interval_ms: slo_defaults.sample_interval_ms,
         };
         slo.validate().map_err(|e| anyhow::anyhow!("{e}"))?;
+        file.events.validate().map_err(|e| anyhow::anyhow!("[events] {e}"))?;
+        if file.events.fetch_wait_ms_max >= http.request_timeout_ms {
+            anyhow::bail!(
+                "[events] fetch_wait_ms_max ({}) must be shorter than [http] request_timeout_ms ({}), or long polls time out",
+                file.events.fetch_wait_ms_max,
+                http.request_timeout_ms
+            );
+        }
+        file.outbox.validate().map_err(|e| anyhow::anyhow!("[outbox] {e}"))?;
+        if file.bus.dedupe_window_ms == 0 || file.bus.events_max == 0 || file.bus.consumers_per_tenant_max == 0 {
+            anyhow::bail!("[bus] dedupe_window_ms, events_max and consumers_per_tenant_max must be at least 1");
+        }
+        let nats_url = args.nats_url.clone().or(file.nats_url.clone()).filter(|u| !u.is_empty());
+        if let Some(url) = &nats_url
+            && !(url.starts_with("nats://") || url.starts_with("tls://"))
+        {
+            anyhow::bail!("NOPS_NATS_URL must start with nats:// or tls://");
+        }
+        let nats_prefix = args.nats_prefix.clone().or(file.nats_prefix.clone()).unwrap_or_else(|| "NOPS".into());
+        if nats_prefix.is_empty()
+            || nats_prefix.len() > 16
+            || !nats_prefix.chars().all(|c| c.is_ascii_uppercase() || c.is_ascii_digit())
+        {
+            anyhow::bail!("NOPS_NATS_PREFIX is 1 to 16 uppercase letters or digits");
+        }
         Ok(Self {
+            nats_url,
+            nats_prefix,
+            bus: file.bus.clone(),
+            events: file.events.clone(),
+            outbox: file.outbox.clone(),
             dispatch,
             degraded: file.degraded.clone(),
             chaos: file.chaos,
@@ -738,6 +801,8 @@ impl Config {
             listen: Some(self.listen),
             data_dir: Some(self.data_dir.clone()),
             database_url: Some(nops_store::redact_url(&self.store.database_url)),
+            nats_url: self.nats_url.as_deref().map(nops_store::redact_url),
+            nats_prefix: Some(self.nats_prefix.clone()),
             log_format: Some(self.log_format),
             log: Some(self.log.clone()),
             store: FileStore {
@@ -791,6 +856,10 @@ impl Config {
             routing: file_routing(&self.routing),
             dispatch: self.dispatch.clone(),
             degraded: self.degraded.clone(),
+            idempotency: self.http.idempotency.clone(),
+            bus: self.bus.clone(),
+            events: self.events.clone(),
+            outbox: self.outbox.clone(),
             chaos: self.chaos,
             slo: Some(self.slo.slos.clone()),
             slo_alert: Some(self.slo.alerts.clone()),

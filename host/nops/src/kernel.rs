@@ -44,6 +44,12 @@ pub struct Kernel {
     pub dispatch: Arc<nops_core::dispatch::TaskService>,
     /// Degraded modes (also in `state`): the store probe and the spool's replay.
     pub degraded: Arc<DegradedModes>,
+    /// The event bus (embedded or NATS).
+    pub bus: Arc<dyn nops_core::bus::Bus>,
+    /// The embedded bus, when it is the one in use, for its retention sweep.
+    pub embedded_bus: Option<nops_store::bus::EmbeddedBus>,
+    /// The outbox relay, run by `nops serve`.
+    pub relay: Arc<nops_core::outbox::OutboxRelay>,
 }
 
 impl std::fmt::Debug for Kernel {
@@ -149,6 +155,38 @@ impl Kernel {
         degraded.set_sink(WriteClass::AuditEvent, Arc::new(OutboxSink(Arc::new(sql.clone()))));
         chaos.set_degraded(degraded.clone());
         let slo = Arc::new(SloService::new(config.slo.clone(), clock.clone(), metrics.clone()));
+        let (bus, embedded_bus): (Arc<dyn nops_core::bus::Bus>, _) = match &config.nats_url {
+            Some(url) => {
+                let nats = nops_bus::NatsBus::connect(nops_bus::NatsBusConfig {
+                    url: url.clone(),
+                    prefix: config.nats_prefix.clone(),
+                    bus: config.bus.clone(),
+                })
+                .await
+                .map_err(|e| {
+                    anyhow::anyhow!("connecting to the NATS event bus at {}: {e}", nops_store::redact_url(url))
+                })?;
+                (Arc::new(nats), None)
+            }
+            None => {
+                let embedded = nops_store::bus::EmbeddedBus::new(&sql, config.bus.clone(), clock.clone());
+                (Arc::new(embedded.clone()), Some(embedded))
+            }
+        };
+        let events = Arc::new(nops_core::events::EventService::new(
+            bus.clone(),
+            Some(plugins.clone()),
+            clock.clone(),
+            metrics.clone(),
+            config.events.clone(),
+        ));
+        let relay = Arc::new(nops_core::outbox::OutboxRelay::new(
+            Arc::new(sql.clone()),
+            bus.clone(),
+            clock.clone(),
+            metrics.clone(),
+            config.outbox.clone(),
+        ));
         let state = AppState::new(Services {
             registry: registry.clone(),
             store: store.clone(),
@@ -166,11 +204,25 @@ impl Kernel {
             chaos: chaos.clone(),
             dispatch: dispatch.clone(),
             degraded: degraded.clone(),
+            events,
             slo,
             http: config.http.clone(),
             started_at,
         });
-        Ok(Self { state, registry, store: sql, bootstrap_key, agents_loaded, plugins, routing, dispatch, degraded })
+        Ok(Self {
+            state,
+            registry,
+            store: sql,
+            bootstrap_key,
+            agents_loaded,
+            plugins,
+            routing,
+            dispatch,
+            degraded,
+            bus,
+            embedded_bus,
+            relay,
+        })
     }
 
     /// The HTTP application.

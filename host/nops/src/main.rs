@@ -61,6 +61,9 @@ enum ConfigCommand {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    // Fail points (`FAILPOINTS=outbox-after-publish=return`) let crash tests stop the kernel at
+    // an exact point; with the variable unset nothing is configured and they do nothing.
+    let _fail_points = fail::FailScenario::setup();
     let result = match cli.command {
         Command::Serve(args) => Config::resolve(&args).and_then(serve::run),
         Command::Config(ConfigCommand::Show(args)) => {

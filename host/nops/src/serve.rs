@@ -50,6 +50,15 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
     let dispatch_sweeper = tokio::spawn(kernel.dispatch.clone().run_background(shutdown_rx.clone()));
     let degraded_watch = tokio::spawn(kernel.degraded.clone().run(Arc::new(kernel.store.clone()), shutdown_rx.clone()));
+    let idempotency_sweeper = tokio::spawn(nops_api::run_idempotency_sweeper(
+        kernel.state.store.clone(),
+        kernel.state.clock.clone(),
+        kernel.state.metrics.clone(),
+        config.http.idempotency.clone(),
+        shutdown_rx.clone(),
+    ));
+    let relay = tokio::spawn(kernel.relay.clone().run(shutdown_rx.clone()));
+    let bus_sweeper = kernel.embedded_bus.clone().map(|bus| tokio::spawn(sweep_bus(bus, shutdown_rx.clone())));
     let background = tokio::spawn(kernel.registry.clone().run_background(shutdown_rx));
     let plugin_sync = tokio::spawn(kernel.plugins.clone().run_sync());
     let chaos_expiry = tokio::spawn(kernel.state.chaos.clone().run_expiry());
@@ -80,12 +89,39 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     if let Err(err) = dispatch_sweeper.await {
         tracing::error!(error = %err, "dispatch sweeper failed");
     }
+    if let Err(err) = idempotency_sweeper.await {
+        tracing::error!(error = %err, "idempotency key sweeper failed");
+    }
+    if let Err(err) = relay.await {
+        tracing::error!(error = %err, "outbox relay failed");
+    }
+    if let Some(task) = bus_sweeper
+        && let Err(err) = task.await
+    {
+        tracing::error!(error = %err, "bus sweeper failed");
+    }
     if let Err(err) = degraded_watch.await {
         tracing::error!(error = %err, "store watch failed");
     }
     kernel.store.close().await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// How often the embedded bus applies retention and moves expired deliveries to the DLQ.
+const BUS_SWEEP_INTERVAL_MS: u64 = 5_000;
+
+/// Runs the embedded bus's sweep until shutdown.
+async fn sweep_bus(bus: nops_store::bus::EmbeddedBus, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(std::time::Duration::from_millis(BUS_SWEEP_INTERVAL_MS)) => {}
+            _ = shutdown.changed() => return,
+        }
+        if let Err(err) = bus.sweep().await {
+            tracing::warn!(error = %err, "bus sweep failed; retrying");
+        }
+    }
 }
 
 /// Most refusals (503 to a connection past `connections_max`) written at once; past it a

@@ -3,6 +3,7 @@
 pub(crate) mod admin_chaos;
 pub(crate) mod admin_keys;
 pub(crate) mod agents;
+pub(crate) mod events;
 pub(crate) mod health;
 pub(crate) mod plugins;
 pub(crate) mod route;

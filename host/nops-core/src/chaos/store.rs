@@ -32,6 +32,7 @@ use crate::store::{
     AgentFilter, AgentLiveSeed, AgentStore, GcraOutcome, HeartbeatRecord, KeyStore, OutboxEvent, PluginCommit,
     PluginEffects, PluginKv, PluginStore, PoolStats, RateLimitStore, StatusChange, StoreError, StoreHealth, TaskStore,
 };
+use crate::store::{ClaimOutcome, IdempotencyClaim, IdempotencyStore, IdempotentResponse};
 use crate::tenant::TenantId;
 
 /// A store whose calls go through the chaos toggles first, and fail fast while the store is
@@ -224,6 +225,13 @@ chaos_delegate!(TaskStore {
 chaos_delegate!(RateLimitStore {
     fn gcra_check(&self, key: &str, emission_interval_ms: i64, burst: u32, now_ms: i64) -> GcraOutcome [None];
     fn gcra_purge_expired(&self, now_ms: i64) -> u64 [None];
+});
+
+chaos_delegate!(IdempotencyStore {
+    fn idempotency_claim(&self, claim: &IdempotencyClaim<'_>) -> ClaimOutcome [None];
+    fn idempotency_complete(&self, scope: &str, key: &str, token: Uuid, response: &IdempotentResponse) -> bool [None];
+    fn idempotency_release(&self, scope: &str, key: &str, token: Uuid) -> bool [None];
+    fn idempotency_purge_expired(&self, now_ms: i64, limit: u32) -> u64 [None];
 });
 
 #[async_trait]
