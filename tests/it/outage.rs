@@ -229,3 +229,158 @@ async fn a_database_outage_keeps_the_fleet_served_and_loses_no_result() {
     assert_eq!(payload["toggle"]["id"], toggle_id.as_str(), "{payload}");
     let _ = stop_tx.send(true);
 }
+
+/// A NATS server with JetStream of this test's own (own port, own storage directory).
+pub struct PrivateNats {
+    dir: tempfile::TempDir,
+    port: u16,
+    child: Option<std::process::Child>,
+}
+
+impl PrivateNats {
+    /// Starts the server; `None` (outside CI) when `nats-server` is not installed.
+    pub fn start() -> Option<Self> {
+        let bin = ["/usr/sbin/nats-server", "/usr/bin/nats-server", "/usr/local/bin/nats-server"]
+            .into_iter()
+            .find(|p| std::path::Path::new(p).exists());
+        if bin.is_none() {
+            missing("nats-server");
+            return None;
+        }
+        let mut nats = Self { dir: tempfile::tempdir().expect("temp dir"), port: free_port(), child: None };
+        nats.resume();
+        Some(nats)
+    }
+
+    /// `nats://127.0.0.1:<port>`.
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// Starts the server again on the same port and storage (streams and consumers survive).
+    pub fn resume(&mut self) {
+        let bin = ["/usr/sbin/nats-server", "/usr/bin/nats-server", "/usr/local/bin/nats-server"]
+            .into_iter()
+            .find(|p| std::path::Path::new(p).exists())
+            .expect("nats-server");
+        let child = Command::new(bin)
+            .args(["-a", "127.0.0.1", "-p", &self.port.to_string(), "-js", "-sd"])
+            .arg(self.dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start nats-server");
+        self.child = Some(child);
+        wait_for_port(self.port, true);
+    }
+
+    /// Kills the server at once (SIGKILL: no goodbye to clients).
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        wait_for_port(self.port, false);
+    }
+}
+
+impl Drop for PrivateNats {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// NATS stops mid-run under a real kernel: agents keep registering (their events wait in the
+/// outbox), published events are answered 202 and kept in the outbox, `/health/extended`
+/// shows the bus degraded; when NATS returns every event, the kernel's own and the clients',
+/// reaches a consumer group exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bus_outage_buffers_events_and_delivers_each_once_when_it_returns() {
+    use http::StatusCode;
+    use serde_json::{Value, json};
+
+    use crate::process::Process;
+    use crate::support::{Backend, TestDb, agent_json};
+
+    let Some(mut nats) = PrivateNats::start() else { return };
+    let db = TestDb::new(Backend::Sqlite).await;
+    let url = nats.url();
+    let kernel = Process::start(&db, &[("NOPS_NATS_URL", url.as_str())]).await;
+    let key = kernel.bootstrap_key().expect("bootstrap key");
+    let http = reqwest::Client::builder().timeout(Duration::from_secs(10)).build().expect("client");
+    let base = kernel.base.clone();
+    let call = |method: reqwest::Method, path: &str, body: Option<Value>| {
+        let request = http.request(method, format!("{base}{path}")).bearer_auth(&key);
+        let request = match body {
+            Some(body) => request.json(&body),
+            None => request,
+        };
+        async move {
+            let response = request.send().await.expect("request");
+            let status = StatusCode::from_u16(response.status().as_u16()).expect("status");
+            (status, response.json::<Value>().await.unwrap_or(Value::Null))
+        }
+    };
+    let (status, body) = call(
+        reqwest::Method::PUT,
+        "/api/v1/consumers/all",
+        Some(json!({"filter": ">", "start": {"from": "all"}, "ack_wait_ms": 60000})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let publish = |id: &str| json!({"events": [{"id": id, "subject": "orders.created", "payload": {"id": id}}]});
+    let (status, body) = call(reqwest::Method::POST, "/api/v1/events", Some(publish("before"))).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+
+    nats.stop();
+    eventually("the bus counts as down", || async {
+        let (status, health) = call(reqwest::Method::GET, "/health/extended", None).await;
+        status == StatusCode::SERVICE_UNAVAILABLE && health["components"]["degraded"]["bus"]["degraded"] == true
+    })
+    .await;
+    // What needs only the store still works; its event waits in the outbox.
+    let (status, body) = call(reqwest::Method::POST, "/api/v1/agents", Some(agent_json("during", "gpu", "1.0.0"))).await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    // Published events are kept, answered 202; a retry of the same id is kept too and
+    // deduplicated when it is published.
+    for _ in 0..2 {
+        let (status, body) = call(reqwest::Method::POST, "/api/v1/events", Some(publish("during"))).await;
+        assert_eq!((status, body["buffered"].as_u64()), (StatusCode::ACCEPTED, Some(1)), "{body}");
+    }
+
+    nats.resume();
+    eventually("the bus is back", || async {
+        let (status, _) = call(reqwest::Method::GET, "/health/extended", None).await;
+        status == StatusCode::OK
+    })
+    .await;
+    let mut seen: Vec<String> = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline && !(seen.contains(&"during".to_string()) && seen.iter().any(|s| s.starts_with("outbox/"))) {
+        let (status, body) =
+            call(reqwest::Method::POST, "/api/v1/consumers/all/fetch", Some(json!({"max": 100, "wait_ms": 1000}))).await;
+        if status != StatusCode::OK {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            continue;
+        }
+        for d in body["deliveries"].as_array().cloned().unwrap_or_default() {
+            seen.push(d["event"]["id"].as_str().expect("id").to_string());
+            let ack = json!({"acks": [{"token": d["token"], "kind": "ack"}]});
+            call(reqwest::Method::POST, "/api/v1/consumers/all/ack", Some(ack)).await;
+        }
+    }
+    // Anything still in flight arrives within one more fetch; nothing arrives twice.
+    let (_, body) =
+        call(reqwest::Method::POST, "/api/v1/consumers/all/fetch", Some(json!({"max": 100, "wait_ms": 1000}))).await;
+    seen.extend(body["deliveries"].as_array().into_iter().flatten().map(|d| d["event"]["id"].as_str().unwrap_or("").to_string()));
+    let count = |id: &str| seen.iter().filter(|s| *s == id).count();
+    assert_eq!((count("before"), count("during")), (1, 1), "each client event once: {seen:?}");
+    let kernel_events: Vec<&String> = seen.iter().filter(|s| s.starts_with("outbox/")).collect();
+    let mut unique = kernel_events.clone();
+    unique.sort();
+    unique.dedup();
+    assert!(!kernel_events.is_empty(), "the registration made during the outage was published: {seen:?}");
+    assert_eq!(unique.len(), kernel_events.len(), "no kernel event twice: {seen:?}");
+    let output = kernel.stop().await;
+    assert!(!output.contains("panicked"), "{output}");
+}

@@ -1053,6 +1053,13 @@ impl Bus for NatsBus {
     }
 
     async fn ping(&self) -> Result<(), BusError> {
-        self.js.query_account().await.map(|_| ()).map_err(|err| BusError::Unavailable(format!("ping: {err}")))
+        // A JetStream round trip on the kernel's own stream (the account-info request's
+        // answer from a 2.9 server does not decode in async-nats, so it cannot serve as probe).
+        let mut stream = self
+            .js
+            .get_stream(&self.layout.events)
+            .await
+            .map_err(|err| BusError::Unavailable(format!("ping: {err}")))?;
+        stream.info().await.map(|_| ()).map_err(|err| BusError::Unavailable(format!("ping: {err}")))
     }
 }

@@ -306,6 +306,10 @@ pub struct DegradedReport {
     pub degraded: bool,
     /// The database.
     pub store: DependencyState,
+    /// The event bus, when it is a server of its own (NATS); the embedded bus lives in the
+    /// database.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bus: Option<DependencyState>,
     /// The local spool of critical writes (absent when the kernel has none: on SQLite the
     /// database is itself local).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -319,6 +323,9 @@ pub struct DegradedReport {
 pub struct DegradedModes {
     config: DegradedConfig,
     store: Dependency,
+    bus: Dependency,
+    /// Whether the bus is a dependency of its own (NATS), probed by [`Self::run_bus_probe`].
+    bus_remote: std::sync::atomic::AtomicBool,
     spool: Option<Arc<dyn Spool>>,
     sinks: Mutex<BTreeMap<WriteClass, Arc<dyn SpoolSink>>>,
     clock: Arc<dyn Clock>,
@@ -342,6 +349,8 @@ impl DegradedModes {
         Self {
             config,
             store: Dependency::default(),
+            bus: Dependency::default(),
+            bus_remote: std::sync::atomic::AtomicBool::new(false),
             spool,
             sinks: Mutex::new(BTreeMap::new()),
             clock,
@@ -389,6 +398,57 @@ impl DegradedModes {
         &self.store
     }
 
+    /// The event bus's state (meaningful when it is remote).
+    pub fn bus(&self) -> &Dependency {
+        &self.bus
+    }
+
+    /// Records that a bus operation failed: the bus counts as down at once (publishes are
+    /// buffered in the store's outbox until the probe finds it back).
+    pub fn bus_failed(&self, error: &str) {
+        if self.bus.failed(error, self.clock.now_ms()) {
+            tracing::warn!(error, "the event bus is unavailable: publishes are buffered in the outbox");
+            self.metrics.dependency_degraded.with_label_values(&["bus"]).set(1);
+        }
+    }
+
+    /// Probes a remote bus every `probe_interval_ms` until `shutdown`; it counts as down
+    /// after [`PROBE_FAILURES_TO_DEGRADE`] failed probes in a row (or one failed operation,
+    /// see [`Self::bus_failed`]) and up again after one good probe.
+    pub async fn run_bus_probe(self: Arc<Self>, bus: Arc<dyn crate::bus::Bus>, mut shutdown: watch::Receiver<bool>) {
+        self.bus_remote.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.metrics.dependency_degraded.with_label_values(&["bus"]).set(0);
+        let interval = Duration::from_millis(self.config.probe_interval_ms.max(1));
+        let timeout = Duration::from_millis(self.config.probe_timeout_ms.max(1));
+        let mut failures = 0u32;
+        loop {
+            let probe = match tokio::time::timeout(timeout, bus.ping()).await {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(err)) => Err(err.to_string()),
+                Err(_) => Err(format!("no answer within {} ms", timeout.as_millis())),
+            };
+            match probe {
+                Ok(()) => {
+                    failures = 0;
+                    if self.bus.succeeded(self.clock.now_ms()) {
+                        tracing::info!("the event bus is back: the outbox relay publishes what waited");
+                    }
+                    self.metrics.dependency_degraded.with_label_values(&["bus"]).set(0);
+                }
+                Err(error) => {
+                    failures = failures.saturating_add(1);
+                    if failures >= PROBE_FAILURES_TO_DEGRADE {
+                        self.bus_failed(&error);
+                    }
+                }
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(interval) => {}
+                _ = shutdown.changed() => return,
+            }
+        }
+    }
+
     /// Records that a store operation failed (marks the store degraded at once, without
     /// waiting for the next probe).
     pub fn store_failed(&self, error: &str) {
@@ -414,9 +474,11 @@ impl DegradedModes {
     pub fn report(&self) -> DegradedReport {
         let spool = self.spool.as_ref().map(|s| s.stats());
         let store = self.store.state();
+        let bus = self.bus_remote.load(std::sync::atomic::Ordering::Relaxed).then(|| self.bus.state());
         DegradedReport {
-            degraded: store.degraded || spool.is_some_and(|s| s.records > 0),
+            degraded: store.degraded || bus.as_ref().is_some_and(|b| b.degraded) || spool.is_some_and(|s| s.records > 0),
             store,
+            bus,
             spool,
             criticality: self.config.matrix.clone(),
         }

@@ -100,7 +100,9 @@ pub struct NewEvent {
 pub struct PublishResult {
     /// The event's id.
     pub id: String,
-    /// `accepted` (stored now) or `duplicate` (stored earlier; not stored again).
+    /// `accepted` (stored now), `duplicate` (stored earlier; not stored again) or `buffered`
+    /// (the bus is unreachable: kept in the kernel's outbox and published, deduplicated by
+    /// id, when it is back).
     pub status: &'static str,
     /// The event's sequence in the log (the original's for a duplicate; 0 when unknown).
     pub seq: u64,
@@ -327,6 +329,8 @@ pub struct ReplayReport {
 /// The events service.
 pub struct EventService {
     bus: Arc<dyn Bus>,
+    /// Where publishes wait while a remote bus is down.
+    buffer: Option<(Arc<dyn crate::outbox::OutboxStore>, Arc<crate::degraded::DegradedModes>)>,
     plugins: Option<Arc<PluginService>>,
     clock: Arc<dyn Clock>,
     metrics: Metrics,
@@ -348,7 +352,19 @@ impl EventService {
         metrics: Metrics,
         config: EventsConfig,
     ) -> Self {
-        Self { bus, plugins, clock, metrics, config }
+        Self { bus, buffer: None, plugins, clock, metrics, config }
+    }
+
+    /// Buffers publishes in `store`'s outbox while the (remote) bus is down, as `degraded`
+    /// tracks it; the outbox relay publishes them, under their own ids, when it is back.
+    #[must_use]
+    pub fn with_buffer(
+        mut self,
+        store: Arc<dyn crate::outbox::OutboxStore>,
+        degraded: Arc<crate::degraded::DegradedModes>,
+    ) -> Self {
+        self.buffer = Some((store, degraded));
+        self
     }
 
     /// The bus underneath.
@@ -388,7 +404,29 @@ impl EventService {
             })?;
             events.push(event);
         }
-        let outcomes = self.bus.publish(&events).await?;
+        let outcomes = match &self.buffer {
+            None => self.bus.publish(&events).await?,
+            Some((store, degraded)) => {
+                let published = if degraded.bus().is_degraded() {
+                    Err(crate::bus::BusError::Unavailable("the bus is degraded".into()))
+                } else {
+                    self.bus.publish(&events).await
+                };
+                match published {
+                    Ok(outcomes) => outcomes,
+                    Err(crate::bus::BusError::Unavailable(error) | crate::bus::BusError::Backend(error)) => {
+                        degraded.bus_failed(&error);
+                        store.buffer_events(&events).await?;
+                        self.metrics.bus_events_total.with_label_values(&["buffered"]).inc_by(events.len() as u64);
+                        return Ok(events
+                            .into_iter()
+                            .map(|e| PublishResult { id: e.id, status: "buffered", seq: 0 })
+                            .collect());
+                    }
+                    Err(other) => return Err(other.into()),
+                }
+            }
+        };
         let mut results = Vec::with_capacity(events.len());
         let (mut accepted, mut duplicates) = (0u64, 0u64);
         for (event, outcome) in events.into_iter().zip(outcomes) {

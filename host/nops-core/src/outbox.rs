@@ -27,8 +27,11 @@ use crate::store::{OutboxEvent, StoreError};
 /// An outbox row waiting for the relay.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OutboxRow {
-    /// The row id, unique in the store; the event's id on the bus is `outbox/<id>`.
+    /// The row id, unique in the store; the event's id on the bus is `outbox/<id>` unless
+    /// `event_id` names one.
     pub id: i64,
+    /// The id a client gave the event (an event buffered while the bus was unreachable).
+    pub event_id: Option<String>,
     /// The event.
     pub event: OutboxEvent,
     /// When the change committed (ms since the Unix epoch).
@@ -44,6 +47,9 @@ pub trait OutboxStore: Send + Sync + 'static {
     async fn mark_outbox_published(&self, ids: &[i64], at_ms: i64) -> Result<(), StoreError>;
     /// Deletes up to `limit` rows published before `before_ms`; returns how many.
     async fn prune_outbox(&self, before_ms: i64, limit: u32) -> Result<u64, StoreError>;
+    /// Buffers published events in one transaction, for the relay to publish under their own
+    /// ids once the bus is back.
+    async fn buffer_events(&self, events: &[EventIn]) -> Result<(), StoreError>;
 }
 
 /// Settings of the relay (`[outbox]` in `nops.toml`).
@@ -79,6 +85,8 @@ impl OutboxConfig {
 
 /// Rows pruned per pass of the retention sweep.
 const PRUNE_ROWS_MAX: u32 = 10_000;
+/// Pause after a failed pass (the store or the bus unavailable), in ms.
+const ERROR_PAUSE_MS: u64 = 1_000;
 /// Passes between two retention sweeps.
 const PASSES_PER_PRUNE: u64 = 600;
 
@@ -119,7 +127,7 @@ impl OutboxRelay {
         let events: Vec<EventIn> = rows
             .iter()
             .map(|row| EventIn {
-                id: format!("outbox/{}", row.id),
+                id: row.event_id.clone().unwrap_or_else(|| format!("outbox/{}", row.id)),
                 tenant: row.event.tenant.clone(),
                 subject: row.event.subject.clone(),
                 payload: row.event.payload.clone(),
@@ -144,13 +152,23 @@ impl OutboxRelay {
     pub async fn run(self: Arc<Self>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
         let interval = Duration::from_millis(self.config.interval_ms);
         let mut passes: u64 = 0;
+        let mut failing = false;
         loop {
-            let full = match self.pass().await {
-                Ok(n) => n == self.config.batch_rows_max as usize,
+            let (full, pause) = match self.pass().await {
+                Ok(n) => {
+                    if failing {
+                        tracing::info!("outbox relay passes again");
+                        failing = false;
+                    }
+                    (n == self.config.batch_rows_max as usize, interval)
+                }
                 Err(err) => {
                     self.metrics.outbox_relay_errors_total.inc();
-                    tracing::warn!(error = %err, "outbox relay pass failed; retrying");
-                    false
+                    if !failing {
+                        tracing::warn!(error = %err, "outbox relay pass failed; retrying every second");
+                        failing = true;
+                    }
+                    (false, Duration::from_millis(ERROR_PAUSE_MS))
                 }
             };
             passes += 1;
@@ -165,7 +183,7 @@ impl OutboxRelay {
             }
             if !full {
                 tokio::select! {
-                    _ = tokio::time::sleep(interval) => {}
+                    _ = tokio::time::sleep(pause) => {}
                     _ = shutdown.changed() => return,
                 }
             }

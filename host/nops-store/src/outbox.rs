@@ -2,6 +2,7 @@
 //! changes themselves; see `nops_core::outbox`).
 
 use async_trait::async_trait;
+use nops_core::bus::EventIn;
 use nops_core::outbox::{OutboxRow, OutboxStore};
 use nops_core::store::{OutboxEvent, StoreError};
 
@@ -11,6 +12,7 @@ use crate::{Pools, SqlStore, parse_tenant};
 #[derive(sqlx::FromRow)]
 struct Row {
     id: i64,
+    event_id: Option<String>,
     tenant: String,
     subject: String,
     payload: Vec<u8>,
@@ -25,7 +27,7 @@ impl OutboxStore for SqlStore {
             .retrying("pending_outbox", || async {
                 with_pool!(self, write, |pool| {
                     sqlx::query_as(
-                        "SELECT id, tenant, subject, payload, source, created_at_ms FROM outbox \
+                        "SELECT id, event_id, tenant, subject, payload, source, created_at_ms FROM outbox \
                          WHERE published_at_ms IS NULL ORDER BY id LIMIT $1",
                     )
                     .bind(i64::from(limit))
@@ -38,6 +40,7 @@ impl OutboxStore for SqlStore {
             .map(|r| {
                 Ok(OutboxRow {
                     id: r.id,
+                    event_id: r.event_id,
                     event: OutboxEvent {
                         tenant: parse_tenant(&r.tenant)?,
                         subject: r.subject,
@@ -63,6 +66,29 @@ impl OutboxStore for SqlStore {
                     list.push_bind(*id);
                 }
                 q.push(")");
+                q.build().execute(pool).await.map(|_| ())
+            })
+        })
+        .await
+    }
+
+    async fn buffer_events(&self, events: &[EventIn]) -> Result<(), StoreError> {
+        if events.is_empty() {
+            return Ok(());
+        }
+        self.retrying("buffer_events", || async {
+            with_pool!(self, write, |pool| {
+                let mut q = sqlx::QueryBuilder::new(
+                    "INSERT INTO outbox (event_id, tenant, subject, payload, source, created_at_ms) ",
+                );
+                q.push_values(events, |mut row, e| {
+                    row.push_bind(&e.id)
+                        .push_bind(e.tenant.as_str())
+                        .push_bind(&e.subject)
+                        .push_bind(&e.payload)
+                        .push_bind(&e.source)
+                        .push_bind(e.time_ms);
+                });
                 q.build().execute(pool).await.map(|_| ())
             })
         })

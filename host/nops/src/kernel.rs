@@ -173,13 +173,18 @@ impl Kernel {
                 (Arc::new(embedded.clone()), Some(embedded))
             }
         };
-        let events = Arc::new(nops_core::events::EventService::new(
+        let mut events = nops_core::events::EventService::new(
             bus.clone(),
             Some(plugins.clone()),
             clock.clone(),
             metrics.clone(),
             config.events.clone(),
-        ));
+        );
+        if embedded_bus.is_none() {
+            // A remote bus can go away while the store stays: publishes then wait in the outbox.
+            events = events.with_buffer(Arc::new(sql.clone()), degraded.clone());
+        }
+        let events = Arc::new(events);
         let relay = Arc::new(nops_core::outbox::OutboxRelay::new(
             Arc::new(sql.clone()),
             bus.clone(),

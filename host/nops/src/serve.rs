@@ -58,6 +58,10 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         shutdown_rx.clone(),
     ));
     let relay = tokio::spawn(kernel.relay.clone().run(shutdown_rx.clone()));
+    let bus_probe = kernel
+        .embedded_bus
+        .is_none()
+        .then(|| tokio::spawn(kernel.degraded.clone().run_bus_probe(kernel.bus.clone(), shutdown_rx.clone())));
     let bus_sweeper = kernel.embedded_bus.clone().map(|bus| tokio::spawn(sweep_bus(bus, shutdown_rx.clone())));
     let background = tokio::spawn(kernel.registry.clone().run_background(shutdown_rx));
     let plugin_sync = tokio::spawn(kernel.plugins.clone().run_sync());
@@ -91,6 +95,11 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     }
     if let Err(err) = idempotency_sweeper.await {
         tracing::error!(error = %err, "idempotency key sweeper failed");
+    }
+    if let Some(task) = bus_probe
+        && let Err(err) = task.await
+    {
+        tracing::error!(error = %err, "bus probe failed");
     }
     if let Err(err) = relay.await {
         tracing::error!(error = %err, "outbox relay failed");

@@ -73,6 +73,9 @@ struct PublishResponse {
     accepted: usize,
     /// Events whose id was seen within the dedupe window; not stored again.
     duplicates: usize,
+    /// Events kept in the kernel's outbox because the bus is unreachable; published (and
+    /// deduplicated by id) when it is back.
+    buffered: usize,
 }
 
 /// Publish events.
@@ -89,6 +92,7 @@ struct PublishResponse {
     request_body(content = PublishRequest, content_type = "application/json"),
     responses(
         (status = 200, description = "Stored (or recognised as duplicates)", body = PublishResponse),
+        (status = 202, description = "The bus is unreachable: kept in the kernel's outbox (durable) and published when it is back", body = PublishResponse),
         (status = 422, description = "`invalid_batch`, `invalid_event_id`, `invalid_subject`, `payload_too_large`", body = ErrorBody),
         (status = 503, description = "`bus_unavailable`: the bus cannot be reached; nothing was stored", body = ErrorBody),
     ),
@@ -98,12 +102,13 @@ async fn publish_events(
     State(state): State<AppState>,
     ctx: RequestContext,
     Json(req): Json<PublishRequest>,
-) -> Result<axum::Json<PublishResponse>, ApiError> {
+) -> Result<Response, ApiError> {
     let source = format!("api/{}", ctx.principal.subject);
     let results = events(&state)?.publish(&ctx.tenant, &source, req.events).await?;
-    let accepted = results.iter().filter(|r| r.status == "accepted").count();
-    let duplicates = results.len() - accepted;
-    Ok(axum::Json(PublishResponse { results, accepted, duplicates }))
+    let count = |status: &str| results.iter().filter(|r| r.status == status).count();
+    let (accepted, duplicates, buffered) = (count("accepted"), count("duplicate"), count("buffered"));
+    let status = if buffered > 0 { StatusCode::ACCEPTED } else { StatusCode::OK };
+    Ok((status, axum::Json(PublishResponse { results, accepted, duplicates, buffered })).into_response())
 }
 
 /// Query of `GET /events`.
