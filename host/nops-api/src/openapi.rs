@@ -248,6 +248,24 @@ impl Modify for Conventions {
         );
         for (path, item) in doc.paths.paths.iter_mut() {
             let api = path.starts_with(&format!("{API_PREFIX}/"));
+            if api {
+                let mutating = [&mut item.post, &mut item.put, &mut item.patch, &mut item.delete];
+                for op in mutating.into_iter().flatten() {
+                    add_idempotency_header(op);
+                    error(op, "400", "`invalid_idempotency_key`: `Idempotency-Key` is not a 1 to 255 character string");
+                    error(
+                        op,
+                        "409",
+                        "`idempotency_key_in_flight`: a request with this `Idempotency-Key` is still running; \
+                         retry after `Retry-After` seconds",
+                    );
+                    error(
+                        op,
+                        "422",
+                        "`idempotency_key_reused`: this `Idempotency-Key` was used for a different request",
+                    );
+                }
+            }
             for op in operations_mut(item) {
                 if api {
                     add_tenant_header(op);
@@ -343,6 +361,22 @@ fn header(op: &mut Operation, status: &str, name: &str, description: &str) {
         value.description = Some(description.into());
         response.headers.entry(name.into()).or_insert(value);
     }
+}
+
+fn add_idempotency_header(op: &mut Operation) {
+    let parameters = op.parameters.get_or_insert_with(Vec::new);
+    let parameter: Parameter = ParameterBuilder::new()
+        .name("Idempotency-Key")
+        .parameter_in(ParameterIn::Header)
+        .required(Required::False)
+        .description(Some(
+            "Makes a retry safe: a retry with the same key and request replays the first answer \
+             (with `idempotent-replayed: true`) instead of running again. Scoped to the caller and \
+             tenant; kept for `[idempotency] retention_ms` (24 h by default). See docs/idempotency.md.",
+        ))
+        .schema(Some(ObjectBuilder::new().schema_type(Type::String).min_length(Some(1)).max_length(Some(257))))
+        .build();
+    parameters.push(parameter);
 }
 
 fn add_tenant_header(op: &mut Operation) {
