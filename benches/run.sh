@@ -121,3 +121,6 @@ if [ -n "${BENCH_PG_URL:-}" ]; then
     sleep 1
     psql -q "$BENCH_PG_URL" -c "DROP DATABASE $pg_db WITH (FORCE)" >/dev/null
 fi
+
+# --- 3. event bus (EB01): throughput, publish-to-deliver latency, crash recovery -----------
+benches/eb01.sh
