@@ -239,6 +239,61 @@ async fn duplicates_within_the_window_are_answered_with_the_original_and_not_del
 }
 
 #[tokio::test]
+async fn concurrent_publishers_each_get_their_own_answers_and_every_id_is_accepted_once() {
+    let t = tenant("acme");
+    for backend in backends() {
+        let (bus, store, db) = embedded(backend, BusConfig::default()).await;
+        let bus = Arc::new(bus);
+        // 50 publishers, 20 events each in calls of two; every fifth event id is shared by all.
+        let mut publishers = Vec::new();
+        for p in 0..50 {
+            let (bus, t) = (bus.clone(), t.clone());
+            publishers.push(tokio::spawn(async move {
+                let batch: Vec<EventIn> = (0..20)
+                    .map(|i| {
+                        let id = if i % 5 == 0 { format!("shared-{i}") } else { format!("p{p}-{i}") };
+                        event(&t, &id, "a.b")
+                    })
+                    .collect();
+                let mut answers = Vec::new();
+                for call in batch.chunks(2) {
+                    let published = bus.publish(call).await.expect("publish");
+                    assert_eq!(published.len(), call.len(), "one answer per event");
+                    answers.extend(call.iter().map(|e| e.id.clone()).zip(published));
+                }
+                answers
+            }));
+        }
+        let mut accepted: std::collections::HashMap<String, u64> = std::collections::HashMap::new();
+        let mut duplicates: Vec<(String, u64)> = Vec::new();
+        for publisher in publishers {
+            for (id, published) in publisher.await.expect("publisher") {
+                match published {
+                    Published::Accepted { seq } => {
+                        assert!(accepted.insert(id.clone(), seq).is_none(), "{backend:?}: {id} accepted twice");
+                    }
+                    Published::Duplicate { seq } => duplicates.push((id, seq)),
+                }
+            }
+        }
+        assert_eq!(accepted.len(), 50 * 16 + 4, "{backend:?}: every distinct id accepted");
+        assert_eq!(duplicates.len(), 49 * 4, "{backend:?}: every repeat answered as a duplicate");
+        for (id, seq) in &duplicates {
+            assert_eq!(accepted.get(id), Some(seq), "{backend:?}: {id} duplicate names the original");
+        }
+        let stored = bus.read(&t, &ReadRange { limit: 10_000, ..ReadRange::default() }).await.expect("read");
+        assert_eq!(stored.len(), accepted.len(), "{backend:?}: each accepted event stored once");
+        assert!(stored.windows(2).all(|w| w[0].seq < w[1].seq), "{backend:?}: read in sequence order");
+        for e in &stored {
+            assert_eq!(accepted.get(&e.id), Some(&e.seq), "{backend:?}: {} stored under its answer", e.id);
+        }
+        drop(bus);
+        store.close().await;
+        drop(db);
+    }
+}
+
+#[tokio::test]
 async fn an_unacked_delivery_comes_again_after_its_deadline() {
     let t = tenant("acme");
     for case in buses(BusConfig::default()).await {

@@ -17,6 +17,20 @@
 //! Readers take the committed `last_seq` first and scan no further, so they never see a
 //! sequence whose neighbours below are still uncommitted.
 //!
+//! **Group commit.** Because publishes serialise on that row, one transaction per publish call
+//! caps the bus at one commit's round trips per call: concurrent single-event publishes queue
+//! behind each other (on PostgreSQL, several round trips each). So a publish call does not
+//! run its own transaction: it hands its batch to the bus's committer task through a bounded
+//! queue (`PUBLISH_QUEUE_BATCHES_MAX`, callers wait for room when it is full) and waits for
+//! its answer. The committer takes every batch waiting (up to `GROUP_COMMIT_EVENTS_MAX`
+//! events and `GROUP_COMMIT_PAYLOAD_BYTES_MAX` payload bytes) and commits them as one
+//! transaction, in queue order, exactly as one publish of their concatenation: duplicates
+//! across callers are answered with the first one's sequence, sequences follow commit order,
+//! a failed commit fails every caller in it, and nobody is answered before the commit. It
+//! never waits to fill a group: what arrives while a commit runs forms the next one. A caller
+//! that stops waiting before its group's commit starts is left out of it. The task starts at
+//! the first publish and ends when the last clone of the bus is dropped.
+//!
 //! **Fetching.** One transaction per fetch, holding the group's row (`FOR UPDATE` on
 //! PostgreSQL, so two kernels fetching one group never hand out one delivery twice):
 //! deliveries whose last allowed delivery ended move to the dead-letter queue; due
@@ -31,7 +45,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use backon::{ExponentialBuilder, Retryable};
 use nops_core::bus::EventIn;
 use nops_core::bus::{
     AckKind, BATCH_EVENTS_MAX, Bus, BusConfig, BusError, ConsumerInfo, ConsumerSpec, DeadLetter, Delivery,
@@ -41,11 +54,9 @@ use nops_core::clock::Clock;
 use nops_core::plugin::subject_matches;
 use nops_core::tenant::TenantId;
 use sqlx::QueryBuilder;
-use tokio::sync::Notify;
+use tokio::sync::{Notify, mpsc, oneshot};
 
-use crate::{
-    OPERATION_ATTEMPTS_MAX, OPERATION_BACKOFF_MS_MAX, OPERATION_BACKOFF_MS_MIN, Pools, SqlStore, is_transient,
-};
+use crate::{Pools, SqlStore, is_transient};
 
 /// How often a waiting fetch looks at a PostgreSQL store again: other kernels' publishes do
 /// not wake this process, so this bounds the extra latency they see.
@@ -71,6 +82,12 @@ const SWEEP_GROUPS_MAX: i64 = 1_000;
 const BACKLOG_COUNT_MAX: i64 = 100_000;
 /// Rows per multi-row statement on SQLite (bind-parameter budget and statement-cache reuse).
 const SQLITE_ROWS_PER_STATEMENT_MAX: usize = 500;
+/// Publish calls queued for the committer at once; further callers wait for room.
+const PUBLISH_QUEUE_BATCHES_MAX: usize = 1_024;
+/// Most events one group commit takes from the queue (a single batch always fits).
+const GROUP_COMMIT_EVENTS_MAX: usize = 5_000;
+/// Most payload bytes one group commit takes from the queue (its first batch is always taken).
+const GROUP_COMMIT_PAYLOAD_BYTES_MAX: usize = 64 * 1024 * 1024;
 
 /// What one [`EmbeddedBus::sweep`] did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -93,6 +110,24 @@ pub struct EmbeddedBus {
     clock: Arc<dyn Clock>,
     wake: Arc<Notify>,
     poll_interval: Duration,
+    /// The queue to the group committer, shared by every clone; `None` until the first publish.
+    publish_queue: Arc<std::sync::Mutex<Option<mpsc::Sender<PublishJob>>>>,
+}
+
+/// One publish call waiting for its group commit.
+struct PublishJob {
+    events: Vec<EventIn>,
+    answer: oneshot::Sender<Result<Vec<Published>, BusError>>,
+}
+
+/// What the committer task works with. It holds no sender of the publish queue, so the task
+/// ends once the last [`EmbeddedBus`] clone (and with it the queue) is dropped.
+#[derive(Clone)]
+struct Committer {
+    store: SqlStore,
+    clock: Arc<dyn Clock>,
+    dedupe_window_ms: i64,
+    wake: Arc<Notify>,
 }
 
 impl std::fmt::Debug for EmbeddedBus {
@@ -396,7 +431,27 @@ impl EmbeddedBus {
             clock,
             wake: Arc::new(Notify::new()),
             poll_interval: Duration::from_millis(poll_ms),
+            publish_queue: Arc::new(std::sync::Mutex::new(None)),
         }
+    }
+
+    /// The publish queue, starting the committer task when there is none or it stopped (its
+    /// runtime shut down).
+    fn publish_queue(&self) -> mpsc::Sender<PublishJob> {
+        let mut slot = self.publish_queue.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(queue) = slot.as_ref().filter(|q| !q.is_closed()) {
+            return queue.clone();
+        }
+        let (queue, jobs) = mpsc::channel(PUBLISH_QUEUE_BATCHES_MAX);
+        let committer = Committer {
+            store: self.store.clone(),
+            clock: self.clock.clone(),
+            dedupe_window_ms: ms(self.config.dedupe_window_ms),
+            wake: self.wake.clone(),
+        };
+        tokio::spawn(committer.serve(jobs));
+        *slot = Some(queue.clone());
+        queue
     }
 
     /// Runs `op`, retrying transient failures (lost connections, lock timeouts, serialization
@@ -406,32 +461,18 @@ impl EmbeddedBus {
         F: FnMut() -> Fut,
         Fut: Future<Output = Result<T, sqlx::Error>>,
     {
-        let backoff = ExponentialBuilder::default()
-            .with_min_delay(Duration::from_millis(OPERATION_BACKOFF_MS_MIN))
-            .with_max_delay(Duration::from_millis(OPERATION_BACKOFF_MS_MAX))
-            .with_max_times(OPERATION_ATTEMPTS_MAX - 1)
-            .with_jitter();
-        op.retry(backoff)
-            .when(is_transient)
-            .notify(|err, wait| {
-                tracing::warn!(op = what, error = %err, retry_in_ms = wait.as_millis() as u64, "transient bus error; retrying");
-            })
-            .await
-            .map_err(|err| bus_error(what, err))
+        retrying(what, op).await
     }
 
     async fn begin(&self) -> Result<Tx, sqlx::Error> {
-        Ok(match &self.store.pools {
-            Pools::Sqlite { write, .. } => Tx::Sqlite(write.begin().await?),
-            Pools::Postgres(pool) => Tx::Postgres(pool.begin().await?),
-        })
+        begin(&self.store).await
     }
 
     /// Enforces retention (`retention_ms`, `events_max`), forgets event ids older than the
     /// dedupe window, moves deliveries whose last allowed delivery expired to the dead-letter
     /// queue (so it is right even when nobody fetches), and drops the oldest dead letters of
     /// tenants past `dead_letters_per_tenant_max`. Each step works in bounded transactions;
-    /// what is left past [`SWEEP_ROUNDS_MAX`] statements waits for the next sweep.
+    /// what is left past `SWEEP_ROUNDS_MAX` statements waits for the next sweep.
     pub async fn sweep(&self) -> Result<SweepReport, BusError> {
         let mut report = SweepReport::default();
         let now = self.clock.now_ms();
@@ -552,7 +593,7 @@ impl EmbeddedBus {
     }
 
     /// Runs the bounded delete `sql` (`$1` the bound, `$2` the row limit) until it deletes
-    /// fewer than [`SWEEP_ROWS_MAX`] rows or [`SWEEP_ROUNDS_MAX`] rounds ran.
+    /// fewer than [`SWEEP_ROWS_MAX`] rows or `SWEEP_ROUNDS_MAX` rounds ran.
     async fn sweep_rounds(&self, what: &'static str, sql: &str, bound: i64) -> Result<u64, BusError> {
         let mut total = 0;
         for _ in 0..SWEEP_ROUNDS_MAX {
@@ -662,6 +703,24 @@ impl EmbeddedBus {
             .await?;
         outcome.ok_or(BusError::NotFound("consumer"))
     }
+}
+
+/// Runs `op`, retrying transient failures (lost connections, lock timeouts, serialization
+/// failures) with exponential backoff and full jitter.
+async fn retrying<T, F, Fut>(what: &'static str, op: F) -> Result<T, BusError>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, sqlx::Error>>,
+{
+    crate::retry_transient(what, op).await.map_err(|err| bus_error(what, err))
+}
+
+/// A write transaction on `store`.
+async fn begin(store: &SqlStore) -> Result<Tx, sqlx::Error> {
+    Ok(match &store.pools {
+        Pools::Sqlite { write, .. } => Tx::Sqlite(write.begin().await?),
+        Pools::Postgres(pool) => Tx::Postgres(pool.begin().await?),
+    })
 }
 
 async fn commit(tx: Tx) -> Result<(), sqlx::Error> {
@@ -904,6 +963,211 @@ async fn queue_again(tx: &mut Tx, consumer_id: i64, seqs: &[i64], now: i64) -> R
     Ok(())
 }
 
+impl Committer {
+    /// Commits the queued publish calls, group by group, until every sender is gone.
+    async fn serve(self, mut jobs: mpsc::Receiver<PublishJob>) {
+        // A batch that did not fit the previous group opens the next one.
+        let mut held: Option<PublishJob> = None;
+        loop {
+            let first = match held.take() {
+                Some(job) => job,
+                None => match jobs.recv().await {
+                    Some(job) => job,
+                    None => return,
+                },
+            };
+            let mut events = first.events.len();
+            let mut bytes = payload_bytes(&first.events);
+            let mut group = vec![first];
+            // Everything already waiting, without waiting for more.
+            while let Ok(job) = jobs.try_recv() {
+                let (more, more_bytes) = (job.events.len(), payload_bytes(&job.events));
+                if events + more > GROUP_COMMIT_EVENTS_MAX || bytes + more_bytes > GROUP_COMMIT_PAYLOAD_BYTES_MAX {
+                    held = Some(job);
+                    break;
+                }
+                events += more;
+                bytes += more_bytes;
+                group.push(job);
+            }
+            self.commit_group(group).await;
+        }
+    }
+
+    /// Commits these publish calls as one transaction and answers each with its own part.
+    async fn commit_group(&self, group: Vec<PublishJob>) {
+        let mut events: Vec<EventIn> = Vec::new();
+        let mut callers = Vec::with_capacity(group.len());
+        for job in group {
+            // A caller that gave up before its commit started is not published for.
+            if job.answer.is_closed() {
+                continue;
+            }
+            callers.push((job.events.len(), job.answer));
+            events.extend(job.events);
+        }
+        if callers.is_empty() {
+            return;
+        }
+        match retrying("bus.publish", || self.transaction(&events)).await {
+            Ok(answer) => {
+                if answer.iter().any(|p| matches!(p, Published::Accepted { .. })) {
+                    self.wake.notify_waiters();
+                }
+                let mut answer = answer.into_iter();
+                for (n, caller) in callers {
+                    // A caller that stopped waiting meanwhile misses nothing it could use.
+                    let _ = caller.send(Ok(answer.by_ref().take(n).collect()));
+                }
+            }
+            Err(err) => {
+                for (_, caller) in callers {
+                    let _ = caller.send(Err(copy_error(&err)));
+                }
+            }
+        }
+    }
+
+    /// One transaction publishing `events` in order (the publish lock taken first).
+    async fn transaction(&self, events: &[EventIn]) -> Result<Vec<Published>, sqlx::Error> {
+        let mut tx = begin(&self.store).await?;
+        // Taking the sequence row first serialises publishes: the dedupe lookup below
+        // sees every earlier batch, and sequences follow commit order.
+        let base = head_in(&mut tx, true).await?;
+        let now = self.clock.now_ms();
+        let window_start = now.saturating_sub(self.dedupe_window_ms);
+        let mut known: HashMap<DedupeKey<'_>, i64> = HashMap::with_capacity(events.len());
+        let found: Vec<(String, String, i64, i64)> = match &mut tx {
+            Tx::Sqlite(c) => {
+                let mut found = Vec::new();
+                for chunk in events.chunks(SQLITE_ROWS_PER_STATEMENT_MAX) {
+                    let mut q = QueryBuilder::<sqlx::Sqlite>::new("WITH v(tenant, id) AS (");
+                    q.push_values(chunk, |mut row, e| {
+                        row.push_bind(e.tenant.as_str()).push_bind(e.id.as_str());
+                    });
+                    q.push(
+                        ") SELECT d.tenant, d.id, d.seq, d.at_ms FROM v \
+                             JOIN bus_dedupe d ON d.tenant = v.tenant AND d.id = v.id",
+                    );
+                    found.extend(q.build_query_as().fetch_all(&mut **c).await?);
+                }
+                found
+            }
+            Tx::Postgres(c) => {
+                let tenants: Vec<&str> = events.iter().map(|e| e.tenant.as_str()).collect();
+                let ids: Vec<&str> = events.iter().map(|e| e.id.as_str()).collect();
+                sqlx::query_as(
+                    "SELECT d.tenant, d.id, d.seq, d.at_ms FROM bus_dedupe d \
+                         JOIN UNNEST($1::text[], $2::text[]) AS v(tenant, id) \
+                         ON d.tenant = v.tenant AND d.id = v.id",
+                )
+                .bind(&tenants)
+                .bind(&ids)
+                .fetch_all(&mut **c)
+                .await?
+            }
+        };
+        let found: HashMap<(String, String), i64> = found
+            .into_iter()
+            .filter(|(_, _, _, at_ms)| *at_ms >= window_start)
+            .map(|(tenant, id, seq, _)| ((tenant, id), seq))
+            .collect();
+        let mut answer = Vec::with_capacity(events.len());
+        let mut accepted: Vec<(i64, &EventIn)> = Vec::with_capacity(events.len());
+        let mut next = base;
+        for event in events {
+            let key = (event.tenant.as_str(), event.id.as_str());
+            let earlier =
+                known.get(&key).copied().or_else(|| found.get(&(key.0.to_string(), key.1.to_string())).copied());
+            if let Some(seq) = earlier {
+                answer.push(Published::Duplicate { seq: u64::try_from(seq).unwrap_or(0) });
+                continue;
+            }
+            next += 1;
+            known.insert(key, next);
+            accepted.push((next, event));
+            answer.push(Published::Accepted { seq: u64::try_from(next).unwrap_or(0) });
+        }
+        if !accepted.is_empty() {
+            match &mut tx {
+                Tx::Sqlite(c) => {
+                    for chunk in accepted.chunks(SQLITE_ROWS_PER_STATEMENT_MAX) {
+                        let mut q = QueryBuilder::<sqlx::Sqlite>::new(
+                            "INSERT INTO bus_events (seq, tenant, subject, id, payload, source, time_ms) ",
+                        );
+                        q.push_values(chunk, |mut row, (seq, e)| {
+                            row.push_bind(*seq)
+                                .push_bind(e.tenant.as_str())
+                                .push_bind(e.subject.as_str())
+                                .push_bind(e.id.as_str())
+                                .push_bind(e.payload.as_slice())
+                                .push_bind(e.source.as_str())
+                                .push_bind(e.time_ms);
+                        });
+                        q.build().execute(&mut **c).await?;
+                        let mut q =
+                            QueryBuilder::<sqlx::Sqlite>::new("INSERT INTO bus_dedupe (tenant, id, seq, at_ms) ");
+                        q.push_values(chunk, |mut row, (seq, e)| {
+                            row.push_bind(e.tenant.as_str()).push_bind(e.id.as_str()).push_bind(*seq).push_bind(now);
+                        });
+                        q.push(" ON CONFLICT (tenant, id) DO UPDATE SET seq = excluded.seq, at_ms = excluded.at_ms");
+                        q.build().execute(&mut **c).await?;
+                    }
+                    sqlx::query("UPDATE bus_meta SET last_seq = $1 WHERE id = 1").bind(next).execute(&mut **c).await?;
+                }
+                Tx::Postgres(c) => {
+                    let seqs: Vec<i64> = accepted.iter().map(|(seq, _)| *seq).collect();
+                    let tenants: Vec<&str> = accepted.iter().map(|(_, e)| e.tenant.as_str()).collect();
+                    let subjects: Vec<&str> = accepted.iter().map(|(_, e)| e.subject.as_str()).collect();
+                    let ids: Vec<&str> = accepted.iter().map(|(_, e)| e.id.as_str()).collect();
+                    let payloads: Vec<&[u8]> = accepted.iter().map(|(_, e)| e.payload.as_slice()).collect();
+                    let sources: Vec<&str> = accepted.iter().map(|(_, e)| e.source.as_str()).collect();
+                    let times: Vec<i64> = accepted.iter().map(|(_, e)| e.time_ms).collect();
+                    // One statement for the log, the dedupe ids and the head: fewer round trips
+                    // while the publish lock is held.
+                    sqlx::query(
+                        "WITH logged AS (INSERT INTO bus_events (seq, tenant, subject, id, payload, source, time_ms) \
+                         SELECT * FROM UNNEST($1::bigint[], $2::text[], $3::text[], $4::text[], \
+                         $5::bytea[], $6::text[], $7::bigint[])), \
+                         remembered AS (INSERT INTO bus_dedupe (tenant, id, seq, at_ms) \
+                         SELECT v.tenant, v.id, v.seq, $8 FROM UNNEST($2::text[], $4::text[], $1::bigint[]) \
+                         AS v(tenant, id, seq) \
+                         ON CONFLICT (tenant, id) DO UPDATE SET seq = excluded.seq, at_ms = excluded.at_ms) \
+                         UPDATE bus_meta SET last_seq = $9 WHERE id = 1",
+                    )
+                    .bind(&seqs)
+                    .bind(&tenants)
+                    .bind(&subjects)
+                    .bind(&ids)
+                    .bind(&payloads)
+                    .bind(&sources)
+                    .bind(&times)
+                    .bind(now)
+                    .bind(next)
+                    .execute(&mut **c)
+                    .await?;
+                }
+            }
+        }
+        commit(tx).await?;
+        Ok(answer)
+    }
+}
+
+/// Total payload bytes of a batch.
+fn payload_bytes(events: &[EventIn]) -> usize {
+    events.iter().map(|e| e.payload.len()).sum()
+}
+
+/// The same failure, for each caller of a failed group commit.
+fn copy_error(err: &BusError) -> BusError {
+    match err {
+        BusError::Unavailable(detail) => BusError::Unavailable(detail.clone()),
+        BusError::Backend(detail) => BusError::Backend(detail.clone()),
+        other => BusError::Backend(other.to_string()),
+    }
+}
+
 /// An event's dedupe key.
 type DedupeKey<'a> = (&'a str, &'a str);
 
@@ -920,146 +1184,12 @@ impl Bus for EmbeddedBus {
         if events.is_empty() {
             return Ok(Vec::new());
         }
-        let window_ms = ms(self.config.dedupe_window_ms);
-        let answer = self
-            .run("bus.publish", || async {
-                let mut tx = self.begin().await?;
-                // Taking the sequence row first serialises publishes: the dedupe lookup below
-                // sees every earlier batch, and sequences follow commit order.
-                let base = head_in(&mut tx, true).await?;
-                let now = self.clock.now_ms();
-                let window_start = now.saturating_sub(window_ms);
-                let mut known: HashMap<DedupeKey<'_>, i64> = HashMap::with_capacity(events.len());
-                let found: Vec<(String, String, i64, i64)> = match &mut tx {
-                    Tx::Sqlite(c) => {
-                        let mut found = Vec::new();
-                        for chunk in events.chunks(SQLITE_ROWS_PER_STATEMENT_MAX) {
-                            let mut q = QueryBuilder::<sqlx::Sqlite>::new("WITH v(tenant, id) AS (");
-                            q.push_values(chunk, |mut row, e| {
-                                row.push_bind(e.tenant.as_str()).push_bind(e.id.as_str());
-                            });
-                            q.push(
-                                ") SELECT d.tenant, d.id, d.seq, d.at_ms FROM v \
-                                 JOIN bus_dedupe d ON d.tenant = v.tenant AND d.id = v.id",
-                            );
-                            found.extend(q.build_query_as().fetch_all(&mut **c).await?);
-                        }
-                        found
-                    }
-                    Tx::Postgres(c) => {
-                        let tenants: Vec<&str> = events.iter().map(|e| e.tenant.as_str()).collect();
-                        let ids: Vec<&str> = events.iter().map(|e| e.id.as_str()).collect();
-                        sqlx::query_as(
-                            "SELECT d.tenant, d.id, d.seq, d.at_ms FROM bus_dedupe d \
-                             JOIN UNNEST($1::text[], $2::text[]) AS v(tenant, id) \
-                             ON d.tenant = v.tenant AND d.id = v.id",
-                        )
-                        .bind(&tenants)
-                        .bind(&ids)
-                        .fetch_all(&mut **c)
-                        .await?
-                    }
-                };
-                let found: HashMap<(String, String), i64> = found
-                    .into_iter()
-                    .filter(|(_, _, _, at_ms)| *at_ms >= window_start)
-                    .map(|(tenant, id, seq, _)| ((tenant, id), seq))
-                    .collect();
-                let mut answer = Vec::with_capacity(events.len());
-                let mut accepted: Vec<(i64, &EventIn)> = Vec::with_capacity(events.len());
-                let mut next = base;
-                for event in events {
-                    let key = (event.tenant.as_str(), event.id.as_str());
-                    let earlier = known
-                        .get(&key)
-                        .copied()
-                        .or_else(|| found.get(&(key.0.to_string(), key.1.to_string())).copied());
-                    if let Some(seq) = earlier {
-                        answer.push(Published::Duplicate { seq: u64::try_from(seq).unwrap_or(0) });
-                        continue;
-                    }
-                    next += 1;
-                    known.insert(key, next);
-                    accepted.push((next, event));
-                    answer.push(Published::Accepted { seq: u64::try_from(next).unwrap_or(0) });
-                }
-                if !accepted.is_empty() {
-                    match &mut tx {
-                        Tx::Sqlite(c) => {
-                            for chunk in accepted.chunks(SQLITE_ROWS_PER_STATEMENT_MAX) {
-                                let mut q = QueryBuilder::<sqlx::Sqlite>::new(
-                                    "INSERT INTO bus_events (seq, tenant, subject, id, payload, source, time_ms) ",
-                                );
-                                q.push_values(chunk, |mut row, (seq, e)| {
-                                    row.push_bind(*seq)
-                                        .push_bind(e.tenant.as_str())
-                                        .push_bind(e.subject.as_str())
-                                        .push_bind(e.id.as_str())
-                                        .push_bind(e.payload.as_slice())
-                                        .push_bind(e.source.as_str())
-                                        .push_bind(e.time_ms);
-                                });
-                                q.build().execute(&mut **c).await?;
-                                let mut q =
-                                    QueryBuilder::<sqlx::Sqlite>::new("INSERT INTO bus_dedupe (tenant, id, seq, at_ms) ");
-                                q.push_values(chunk, |mut row, (seq, e)| {
-                                    row.push_bind(e.tenant.as_str()).push_bind(e.id.as_str()).push_bind(*seq).push_bind(now);
-                                });
-                                q.push(" ON CONFLICT (tenant, id) DO UPDATE SET seq = excluded.seq, at_ms = excluded.at_ms");
-                                q.build().execute(&mut **c).await?;
-                            }
-                        }
-                        Tx::Postgres(c) => {
-                            let seqs: Vec<i64> = accepted.iter().map(|(seq, _)| *seq).collect();
-                            let tenants: Vec<&str> = accepted.iter().map(|(_, e)| e.tenant.as_str()).collect();
-                            let subjects: Vec<&str> = accepted.iter().map(|(_, e)| e.subject.as_str()).collect();
-                            let ids: Vec<&str> = accepted.iter().map(|(_, e)| e.id.as_str()).collect();
-                            let payloads: Vec<&[u8]> = accepted.iter().map(|(_, e)| e.payload.as_slice()).collect();
-                            let sources: Vec<&str> = accepted.iter().map(|(_, e)| e.source.as_str()).collect();
-                            let times: Vec<i64> = accepted.iter().map(|(_, e)| e.time_ms).collect();
-                            sqlx::query(
-                                "INSERT INTO bus_events (seq, tenant, subject, id, payload, source, time_ms) \
-                                 SELECT * FROM UNNEST($1::bigint[], $2::text[], $3::text[], $4::text[], \
-                                 $5::bytea[], $6::text[], $7::bigint[])",
-                            )
-                            .bind(&seqs)
-                            .bind(&tenants)
-                            .bind(&subjects)
-                            .bind(&ids)
-                            .bind(&payloads)
-                            .bind(&sources)
-                            .bind(&times)
-                            .execute(&mut **c)
-                            .await?;
-                            sqlx::query(
-                                "INSERT INTO bus_dedupe (tenant, id, seq, at_ms) \
-                                 SELECT v.tenant, v.id, v.seq, $4 FROM UNNEST($1::text[], $2::text[], $3::bigint[]) \
-                                 AS v(tenant, id, seq) \
-                                 ON CONFLICT (tenant, id) DO UPDATE SET seq = excluded.seq, at_ms = excluded.at_ms",
-                            )
-                            .bind(&tenants)
-                            .bind(&ids)
-                            .bind(&seqs)
-                            .bind(now)
-                            .execute(&mut **c)
-                            .await?;
-                        }
-                    }
-                    on_tx!(&mut tx, |c| {
-                        sqlx::query("UPDATE bus_meta SET last_seq = $1 WHERE id = 1")
-                            .bind(next)
-                            .execute(&mut **c)
-                            .await?;
-                    });
-                }
-                commit(tx).await?;
-                Ok(answer)
-            })
-            .await?;
-        if answer.iter().any(|p| matches!(p, Published::Accepted { .. })) {
-            self.wake.notify_waiters();
-        }
-        Ok(answer)
+        // The committer commits this batch with whatever else is waiting (see the module doc).
+        let (answer, answered) = oneshot::channel();
+        let job = PublishJob { events: events.to_vec(), answer };
+        let stopped = || BusError::Unavailable("bus.publish: the publish committer stopped".into());
+        self.publish_queue().send(job).await.map_err(|_| stopped())?;
+        answered.await.unwrap_or_else(|_| Err(stopped()))
     }
 
     async fn put_consumer(&self, spec: &ConsumerSpec) -> Result<ConsumerInfo, BusError> {

@@ -264,19 +264,28 @@ impl SqlStore {
         F: FnMut() -> Fut,
         Fut: Future<Output = Result<T, sqlx::Error>>,
     {
-        let backoff = ExponentialBuilder::default()
-            .with_min_delay(Duration::from_millis(OPERATION_BACKOFF_MS_MIN))
-            .with_max_delay(Duration::from_millis(OPERATION_BACKOFF_MS_MAX))
-            .with_max_times(OPERATION_ATTEMPTS_MAX - 1)
-            .with_jitter();
-        op.retry(backoff)
-            .when(is_transient)
-            .notify(|err, wait| {
-                tracing::warn!(op = what, error = %err, retry_in_ms = wait.as_millis() as u64, "transient store error; retrying");
-            })
-            .await
-            .map_err(|err| store_error(what, err))
+        retry_transient(what, op).await.map_err(|err| store_error(what, err))
     }
+}
+
+/// Runs `op`, retrying transient failures (lost connections, lock timeouts, serialization
+/// failures) with exponential backoff and full jitter; returns the last error as it is.
+pub(crate) async fn retry_transient<T, F, Fut>(what: &'static str, op: F) -> Result<T, sqlx::Error>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, sqlx::Error>>,
+{
+    let backoff = ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(OPERATION_BACKOFF_MS_MIN))
+        .with_max_delay(Duration::from_millis(OPERATION_BACKOFF_MS_MAX))
+        .with_max_times(OPERATION_ATTEMPTS_MAX - 1)
+        .with_jitter();
+    op.retry(backoff)
+        .when(is_transient)
+        .notify(|err, wait| {
+            tracing::warn!(op = what, error = %err, retry_in_ms = wait.as_millis() as u64, "transient database error; retrying");
+        })
+        .await
 }
 
 /// Errors worth retrying: the connection, the pool, lock contention, serialization failures.
