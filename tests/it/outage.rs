@@ -339,7 +339,8 @@ async fn a_bus_outage_buffers_events_and_delivers_each_once_when_it_returns() {
     })
     .await;
     // What needs only the store still works; its event waits in the outbox.
-    let (status, body) = call(reqwest::Method::POST, "/api/v1/agents", Some(agent_json("during", "gpu", "1.0.0"))).await;
+    let (status, body) =
+        call(reqwest::Method::POST, "/api/v1/agents", Some(agent_json("during", "gpu", "1.0.0"))).await;
     assert_eq!(status, StatusCode::CREATED, "{body}");
     // Published events are kept, answered 202; a retry of the same id is kept too and
     // deduplicated when it is published.
@@ -356,9 +357,12 @@ async fn a_bus_outage_buffers_events_and_delivers_each_once_when_it_returns() {
     .await;
     let mut seen: Vec<String> = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(30);
-    while Instant::now() < deadline && !(seen.contains(&"during".to_string()) && seen.iter().any(|s| s.starts_with("outbox/"))) {
+    while Instant::now() < deadline
+        && !(seen.contains(&"during".to_string()) && seen.iter().any(|s| s.starts_with("outbox/")))
+    {
         let (status, body) =
-            call(reqwest::Method::POST, "/api/v1/consumers/all/fetch", Some(json!({"max": 100, "wait_ms": 1000}))).await;
+            call(reqwest::Method::POST, "/api/v1/consumers/all/fetch", Some(json!({"max": 100, "wait_ms": 1000})))
+                .await;
         if status != StatusCode::OK {
             tokio::time::sleep(Duration::from_millis(200)).await;
             continue;
@@ -372,7 +376,13 @@ async fn a_bus_outage_buffers_events_and_delivers_each_once_when_it_returns() {
     // Anything still in flight arrives within one more fetch; nothing arrives twice.
     let (_, body) =
         call(reqwest::Method::POST, "/api/v1/consumers/all/fetch", Some(json!({"max": 100, "wait_ms": 1000}))).await;
-    seen.extend(body["deliveries"].as_array().into_iter().flatten().map(|d| d["event"]["id"].as_str().unwrap_or("").to_string()));
+    seen.extend(
+        body["deliveries"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|d| d["event"]["id"].as_str().unwrap_or("").to_string()),
+    );
     let count = |id: &str| seen.iter().filter(|s| *s == id).count();
     assert_eq!((count("before"), count("during")), (1, 1), "each client event once: {seen:?}");
     let kernel_events: Vec<&String> = seen.iter().filter(|s| s.starts_with("outbox/")).collect();

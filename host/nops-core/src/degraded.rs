@@ -476,7 +476,9 @@ impl DegradedModes {
         let store = self.store.state();
         let bus = self.bus_remote.load(std::sync::atomic::Ordering::Relaxed).then(|| self.bus.state());
         DegradedReport {
-            degraded: store.degraded || bus.as_ref().is_some_and(|b| b.degraded) || spool.is_some_and(|s| s.records > 0),
+            degraded: store.degraded
+                || bus.as_ref().is_some_and(|b| b.degraded)
+                || spool.is_some_and(|s| s.records > 0),
             store,
             bus,
             spool,
