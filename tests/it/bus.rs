@@ -18,22 +18,7 @@ use nops_core::tenant::TenantId;
 use nops_store::bus::EmbeddedBus;
 use nops_store::{SqlStore, StoreConfig};
 
-use crate::support::{Backend, TestDb, backends};
-
-/// The NATS server for tests, from `NOPS_TEST_NATS_URL`; under `CI=true` a missing variable
-/// fails the run rather than silently skipping the NATS half of the suite.
-fn nats_url() -> Option<String> {
-    match std::env::var("NOPS_TEST_NATS_URL") {
-        Ok(url) if !url.is_empty() => Some(url),
-        _ => {
-            assert!(
-                std::env::var("CI").as_deref() != Ok("true"),
-                "CI=true but NOPS_TEST_NATS_URL is not set: the NATS bus tests cannot run"
-            );
-            None
-        }
-    }
-}
+use crate::support::{Backend, TestDb, backends, nats_url};
 
 /// What a case must tear down when the test ends.
 enum Cleanup {

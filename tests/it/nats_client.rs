@@ -10,21 +10,7 @@ use nops_core::tenant::TenantId;
 use serde_json::Value;
 
 use crate::attacks::venv_python;
-
-/// The NATS server for tests; under `CI=true` a missing `NOPS_TEST_NATS_URL` fails the test.
-fn nats_url() -> Option<String> {
-    match std::env::var("NOPS_TEST_NATS_URL") {
-        Ok(url) if !url.is_empty() => Some(url),
-        _ => {
-            assert!(
-                std::env::var("CI").as_deref() != Ok("true"),
-                "CI=true but NOPS_TEST_NATS_URL is not set: the outside NATS client test cannot run"
-            );
-            eprintln!("skipping: NOPS_TEST_NATS_URL is not set");
-            None
-        }
-    }
-}
+use crate::support::nats_url;
 
 fn script() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/clients/nats_consumer.py")
@@ -98,4 +84,56 @@ async fn a_nats_py_consumer_reads_exactly_the_accepted_events_in_order() {
     let order_1: Vec<&Value> = lines.iter().filter(|l| l["event_id"] == "order-1").collect();
     assert_eq!(order_1.len(), 1, "the duplicate is stored once");
     assert_eq!(order_1[0]["payload"], "{\"n\":1,\"id\":\"order-1\"}", "the first copy wins");
+}
+
+/// What a kernel publishes through its HTTP API and its outbox is readable by nats-py with
+/// nothing but the documented layout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nats_py_consumer_reads_what_the_kernel_published_over_http_and_its_outbox() {
+    use http::StatusCode;
+    use serde_json::json;
+
+    use crate::support::{Backend, TestDb, TestKernel, agent_json};
+
+    let Some(url) = nats_url() else { return };
+    let Some(python) = venv_python() else { return };
+    let prefix = format!("H{:015X}", rand::random::<u64>() >> 4);
+    let db = TestDb::new(Backend::Sqlite).await;
+    let (nats, nats_prefix) = (url.clone(), prefix.clone());
+    let k = TestKernel::start_with(Backend::Sqlite, db, move |args| {
+        args.nats_url = Some(nats);
+        args.nats_prefix = Some(nats_prefix);
+    })
+    .await;
+    let events = json!({"events": [
+        {"id": "a-1", "subject": "orders.created", "payload": {"order": 1}},
+        {"id": "a-2", "subject": "orders.paid", "payload": {"order": 1, "amount": 12.5}},
+        {"id": "a-1", "subject": "orders.created", "payload": {"order": 1}},
+    ]});
+    let (status, body) = k.call("POST", "/api/v1/events", Some(events)).await;
+    assert_eq!((status, body["accepted"].as_u64()), (StatusCode::OK, Some(2)), "{body}");
+    k.create_agent(agent_json("py-reader", "gpu", "1.0.0")).await;
+    assert_eq!(k.kernel.relay.pass().await.expect("relay"), 1, "the registration's event");
+
+    let stream = format!("{prefix}_EVENTS");
+    let filter = format!("{}.ev.default.>", prefix.to_lowercase());
+    let output = Command::new(&python)
+        .arg(script())
+        .args([url.as_str(), stream.as_str(), filter.as_str(), "3", "10"])
+        .output()
+        .expect("run the nats-py consumer");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let cleanup = nops_bus::NatsBus::connect(nops_bus::NatsBusConfig { url, prefix, bus: BusConfig::default() })
+        .await
+        .expect("connect to the test NATS server");
+    cleanup.destroy().await.expect("destroy the test streams");
+    assert!(output.status.success(), "the consumer failed:\n{stdout}\n{stderr}");
+    let lines: Vec<Value> = stdout.lines().map(|l| serde_json::from_str(l).expect("a JSON line")).collect();
+    let ids: Vec<&str> = lines.iter().map(|l| l["event_id"].as_str().expect("event id")).collect();
+    assert_eq!(&ids[..2], ["a-1", "a-2"], "{stdout}");
+    assert!(ids[2].starts_with("outbox/"), "{stdout}");
+    let payload: Value = serde_json::from_str(lines[1]["payload"].as_str().expect("payload text")).expect("JSON");
+    assert_eq!(payload, json!({"order": 1, "amount": 12.5}), "the payload as sent: {stdout}");
+    assert!(lines[2]["subject"].as_str().is_some_and(|s| s.ends_with(".nops.agents.registered")), "{stdout}");
 }
