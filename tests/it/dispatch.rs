@@ -24,7 +24,7 @@ const WAIT_LIMIT: Duration = Duration::from_secs(45);
 
 /// How a push agent answers.
 #[derive(Clone, Copy)]
-enum Behaviour {
+pub(crate) enum Behaviour {
     /// 200 with `{"echo": input, "agent": name}`.
     Echo,
     /// 500 with a message.
@@ -36,13 +36,13 @@ enum Behaviour {
 }
 
 /// A push agent listening on 127.0.0.1; counts the requests it received.
-struct PushAgent {
-    url: String,
+pub(crate) struct PushAgent {
+    pub(crate) url: String,
     received: Arc<AtomicUsize>,
     answered_late: Arc<AtomicUsize>,
 }
 
-async fn push_agent(name: &'static str, behaviour: Behaviour) -> PushAgent {
+pub(crate) async fn push_agent(name: &'static str, behaviour: Behaviour) -> PushAgent {
     let received = Arc::new(AtomicUsize::new(0));
     let answered_late = Arc::new(AtomicUsize::new(0));
     let (r, late) = (received.clone(), answered_late.clone());

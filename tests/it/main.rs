@@ -11,6 +11,7 @@ mod bus;
 mod chaos;
 mod dispatch;
 mod events;
+mod fleet;
 mod hardening;
 mod health;
 mod heartbeat;

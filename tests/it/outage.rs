@@ -110,7 +110,7 @@ impl Drop for PrivatePostgres {
 }
 
 /// Waits until `check` holds, polling; panics with `what` after 60 s.
-async fn eventually<F, Fut>(what: &str, mut check: F)
+pub(crate) async fn eventually<F, Fut>(what: &str, mut check: F)
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
@@ -230,6 +230,13 @@ async fn a_database_outage_keeps_the_fleet_served_and_loses_no_result() {
     let _ = stop_tx.send(true);
 }
 
+/// The `nats-server` program, where Debian or a manual install puts it.
+fn nats_server() -> Option<&'static str> {
+    ["/usr/sbin/nats-server", "/usr/bin/nats-server", "/usr/local/bin/nats-server"]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).exists())
+}
+
 /// A NATS server with JetStream of this test's own (own port, own storage directory).
 pub struct PrivateNats {
     dir: tempfile::TempDir,
@@ -240,10 +247,7 @@ pub struct PrivateNats {
 impl PrivateNats {
     /// Starts the server; `None` (outside CI) when `nats-server` is not installed.
     pub fn start() -> Option<Self> {
-        let bin = ["/usr/sbin/nats-server", "/usr/bin/nats-server", "/usr/local/bin/nats-server"]
-            .into_iter()
-            .find(|p| std::path::Path::new(p).exists());
-        if bin.is_none() {
+        if nats_server().is_none() {
             missing("nats-server");
             return None;
         }
@@ -259,11 +263,7 @@ impl PrivateNats {
 
     /// Starts the server again on the same port and storage (streams and consumers survive).
     pub fn resume(&mut self) {
-        let bin = ["/usr/sbin/nats-server", "/usr/bin/nats-server", "/usr/local/bin/nats-server"]
-            .into_iter()
-            .find(|p| std::path::Path::new(p).exists())
-            .expect("nats-server");
-        let child = Command::new(bin)
+        let child = Command::new(nats_server().expect("nats-server"))
             .args(["-a", "127.0.0.1", "-p", &self.port.to_string(), "-js", "-sd"])
             .arg(self.dir.path())
             .stdout(Stdio::null())
