@@ -42,7 +42,7 @@ use uuid::Uuid;
 
 use crate::AppState;
 use crate::context::RequestContext;
-use crate::error::{ApiError, ErrorBody, ErrorDetail, for_status};
+use crate::error::ApiError;
 use crate::middleware::REQUEST_ID_HEADER;
 
 /// The request header carrying the key.
@@ -331,7 +331,9 @@ pub(crate) async fn idempotency(State(state): State<AppState>, req: Request, nex
     }
     let mut response = response;
     if status.is_client_error() {
-        write_error_body(&mut response, &request_id);
+        // The envelope the edge layer would write later, now, so the kept body is the one the
+        // client receives.
+        crate::middleware::write_error_body(&mut response, &request_id);
     }
     let exact = response.body().size_hint().exact();
     let Some(length) = exact.filter(|n| *n <= config.response_bytes_max as u64) else {
@@ -391,37 +393,6 @@ fn replay(kept: IdempotentResponse) -> Response {
     }
     headers.insert(REPLAYED_HEADER, HeaderValue::from_static("true"));
     response
-}
-
-/// Writes the JSON error envelope of a 4xx response now, as the edge layer would later, so the
-/// kept body is the one the client receives.
-fn write_error_body(response: &mut Response, request_id: &str) {
-    let error = match response.extensions_mut().remove::<ApiError>() {
-        Some(error) => error,
-        None => {
-            let is_json = response
-                .headers()
-                .get(header::CONTENT_TYPE)
-                .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
-            if is_json {
-                return;
-            }
-            for_status(response.status())
-        }
-    };
-    tracing::debug!(request_id, code = error.code, "request rejected");
-    let body = ErrorBody {
-        error: ErrorDetail {
-            code: error.code.to_string(),
-            message: error.message.into_owned(),
-            request_id: request_id.to_string(),
-        },
-    };
-    let bytes = serde_json::to_vec(&body).unwrap_or_default();
-    let headers = response.headers_mut();
-    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    headers.remove(header::CONTENT_LENGTH);
-    *response.body_mut() = Body::from(bytes);
 }
 
 /// The whole request body, refused with 413 past `bytes_max`.

@@ -129,7 +129,7 @@ async fn edge(mut req: Request, next: Next) -> Response {
 }
 
 /// Replaces the body of an error response with the JSON envelope.
-fn write_error_body(response: &mut Response, request_id: &str) {
+pub(crate) fn write_error_body(response: &mut Response, request_id: &str) {
     let error = match response.extensions_mut().remove::<ApiError>() {
         Some(error) => error,
         None => {

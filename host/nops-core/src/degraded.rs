@@ -251,6 +251,19 @@ pub struct ReplayRound {
     pub blocked: bool,
 }
 
+/// One probe of a dependency: `Err` with a message when it fails or does not answer within
+/// `timeout`.
+async fn probe<E: std::fmt::Display>(
+    timeout: Duration,
+    check: impl std::future::Future<Output = Result<(), E>>,
+) -> Result<(), String> {
+    match tokio::time::timeout(timeout, check).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(err)) => Err(err.to_string()),
+        Err(_) => Err(format!("no answer within {} ms", timeout.as_millis())),
+    }
+}
+
 /// Replays the oldest spooled writes in order, up to [`REPLAY_BATCH_MAX`], acknowledging each
 /// applied (or rejected) prefix; stops at the first write whose dependency is unavailable, so
 /// order is kept.
@@ -422,11 +435,7 @@ impl DegradedModes {
         let timeout = Duration::from_millis(self.config.probe_timeout_ms.max(1));
         let mut failures = 0u32;
         loop {
-            let probe = match tokio::time::timeout(timeout, bus.ping()).await {
-                Ok(Ok(())) => Ok(()),
-                Ok(Err(err)) => Err(err.to_string()),
-                Err(_) => Err(format!("no answer within {} ms", timeout.as_millis())),
-            };
+            let probe = probe(timeout, bus.ping()).await;
             match probe {
                 Ok(()) => {
                     failures = 0;
@@ -494,11 +503,7 @@ impl DegradedModes {
         let timeout = Duration::from_millis(self.config.probe_timeout_ms.max(1));
         let mut failures = 0u32;
         loop {
-            let probe = match tokio::time::timeout(timeout, store.ping()).await {
-                Ok(Ok(())) => Ok(()),
-                Ok(Err(err)) => Err(err.to_string()),
-                Err(_) => Err(format!("no answer within {} ms", timeout.as_millis())),
-            };
+            let probe = probe(timeout, store.ping()).await;
             match probe {
                 Ok(()) => {
                     failures = 0;
