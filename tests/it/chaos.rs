@@ -72,13 +72,33 @@ impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Capture {
 }
 
 impl Capture {
-    fn audit_records(&self, event: &str) -> Vec<Value> {
+    /// The audit records of `event` about these toggles.
+    fn audit_records(&self, event: &str, toggles: &[String]) -> Vec<Value> {
         let text = String::from_utf8_lossy(&self.0.lock().expect("capture")).into_owned();
         text.lines()
             .filter_map(|l| serde_json::from_str::<Value>(l).ok())
             .filter(|v| v["target"] == "nops::audit" && v["event"] == event)
+            .filter(|v| v["toggle_id"].as_str().is_some_and(|id| toggles.iter().any(|t| t == id)))
             .collect()
     }
+}
+
+/// Every log line of this test process, as JSON. One subscriber for the whole process rather
+/// than one per test (`set_default`): a thread-scoped subscriber misses events whose callsites
+/// other tests' threads registered first.
+fn captured_logs() -> &'static Capture {
+    static CAPTURE: std::sync::OnceLock<Capture> = std::sync::OnceLock::new();
+    CAPTURE.get_or_init(|| {
+        let capture = Capture::default();
+        let subscriber = tracing_subscriber::fmt()
+            .json()
+            .flatten_event(true)
+            .with_writer(capture.clone())
+            .with_max_level(tracing::Level::INFO)
+            .finish();
+        tracing::subscriber::set_global_default(subscriber).expect("the only global subscriber of the tests");
+        capture
+    })
 }
 
 #[tokio::test]
@@ -95,16 +115,12 @@ async fn chaos_is_off_by_default() {
 
 #[tokio::test]
 async fn a_store_toggle_fails_registration_with_503_until_it_is_cleared_and_every_change_is_audited() {
-    let capture = Capture::default();
-    let subscriber = tracing_subscriber::fmt()
-        .json()
-        .flatten_event(true)
-        .with_writer(capture.clone())
-        .with_max_level(tracing::Level::INFO)
-        .finish();
-    let _logs = tracing::subscriber::set_default(subscriber);
+    let capture = captured_logs();
+    tracing::callsite::rebuild_interest_cache();
+    let mut toggles = Vec::new();
     for k in TestKernel::all().await {
         let id = toggle_on(&k, "default", json!({ "target": "store", "error_ratio": 1.0, "note": "game day" })).await;
+        toggles.push(id.clone());
 
         let (status, error) = k.call("POST", "/api/v1/agents", Some(agent_json("a1", "gpu", "1.0.0"))).await;
         assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{error}");
@@ -138,13 +154,13 @@ async fn a_store_toggle_fails_registration_with_503_until_it_is_cleared_and_ever
             ["nops.chaos.created", "nops.chaos.deleted"]
         );
     }
-    let created = capture.audit_records("chaos.created");
+    let created = capture.audit_records("chaos.created", &toggles);
     assert_eq!(created.len(), super::support::backends().len(), "one audit record per change");
     assert_eq!(created[0]["chaos_target"], "store");
     assert_eq!(created[0]["tenant"], "default");
     assert_eq!(created[0]["error_ratio"], 1.0);
     assert_eq!(created[0]["note"], "game day");
-    assert_eq!(capture.audit_records("chaos.deleted").len(), super::support::backends().len());
+    assert_eq!(capture.audit_records("chaos.deleted", &toggles).len(), super::support::backends().len());
 }
 
 #[tokio::test]
