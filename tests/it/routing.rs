@@ -13,24 +13,11 @@ use nops_core::tenant::TenantId;
 use serde_json::{Value, json};
 
 use crate::plugin_api::{manifest, upload, wasm};
-use crate::support::TestKernel;
+use crate::support::{TestKernel, as_key};
 
 /// Sends `method path` with the bootstrap key, acting in `tenant`.
 async fn in_tenant(k: &TestKernel, tenant: &str, method: &str, path: &str, body: Option<Value>) -> (StatusCode, Value) {
-    let builder = Request::builder()
-        .method(method)
-        .uri(path)
-        .header("authorization", format!("Bearer {}", k.key))
-        .header("x-nops-tenant", tenant);
-    let request = match body {
-        Some(body) => builder
-            .header("content-type", "application/json")
-            .body(Body::from(serde_json::to_vec(&body).expect("json")))
-            .expect("request"),
-        None => builder.body(Body::empty()).expect("request"),
-    };
-    let (status, _, body) = k.send(request).await;
-    (status, body)
+    as_key(k, &k.key, Some(tenant), method, path, body).await
 }
 
 /// Registers an agent with `capabilities` (name, version) and `labels`; returns its id.
