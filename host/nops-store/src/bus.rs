@@ -37,8 +37,11 @@
 //! redeliveries go out in sequence order; then new events after the cursor, filtered in SQL
 //! by a `LIKE` superset of the subject pattern and exactly in Rust, scanning a bounded window
 //! of sequences per round. When nothing is ready the fetch waits on a [`Notify`] that
-//! publishes, nacks, acks, requeues and re-drives of this process wake, and polls at a bounded
-//! interval for other kernels' publishes (PostgreSQL) and for ack deadlines.
+//! publishes, nacks, requeues and re-drives of this process wake (something may be ready), and
+//! polls at a bounded interval for other kernels' publishes (PostgreSQL) and for ack
+//! deadlines. Acks free pending slots: they wake only fetches that found their group full, on
+//! a second [`Notify`], so a steady ack stream does not make every waiting fetch look again
+//! for nothing.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -108,7 +111,10 @@ pub struct EmbeddedBus {
     store: SqlStore,
     config: BusConfig,
     clock: Arc<dyn Clock>,
+    /// Something may be ready: a publish, a nack, a requeue or a re-drive.
     wake: Arc<Notify>,
+    /// A pending slot freed: an ack, a term or a dead letter.
+    room: Arc<Notify>,
     poll_interval: Duration,
     /// The queue to the group committer, shared by every clone; `None` until the first publish.
     publish_queue: Arc<std::sync::Mutex<Option<mpsc::Sender<PublishJob>>>>,
@@ -416,6 +422,8 @@ struct Fetched {
     deliveries: Vec<Delivery>,
     /// The earliest time a pending delivery of the group becomes due again.
     next_due_ms: Option<i64>,
+    /// The group had no free pending slot (`pending_max` outstanding).
+    full: bool,
 }
 
 impl EmbeddedBus {
@@ -430,6 +438,7 @@ impl EmbeddedBus {
             config,
             clock,
             wake: Arc::new(Notify::new()),
+            room: Arc::new(Notify::new()),
             poll_interval: Duration::from_millis(poll_ms),
             publish_queue: Arc::new(std::sync::Mutex::new(None)),
         }
@@ -683,9 +692,19 @@ impl EmbeddedBus {
                     return Ok(None);
                 };
                 let now = self.clock.now_ms();
-                dead_letter_expired(&mut tx, &group, now).await?;
-                let deliveries = deliver(&mut tx, &mut group, max, now).await?;
-                let next_due_ms = if deliveries.is_empty() {
+                let state = group_state(&mut tx, &group, now).await?;
+                // Nothing pending is due (the common case): no dead letters and no redeliveries
+                // to look for.
+                let due_now = state.due_ms_min.is_some_and(|due| due <= now);
+                if due_now {
+                    dead_letter_expired(&mut tx, &group, now).await?;
+                }
+                let (deliveries, full) = deliver(&mut tx, &mut group, max, now, &state, due_now).await?;
+                let next_due_ms = if !deliveries.is_empty() {
+                    None
+                } else if !due_now {
+                    state.due_ms_min
+                } else {
                     on_tx!(&mut tx, |c| {
                         sqlx::query_scalar::<_, Option<i64>>(
                             "SELECT MIN(due_ms) FROM bus_pending WHERE consumer_id = $1",
@@ -694,11 +713,9 @@ impl EmbeddedBus {
                         .fetch_one(&mut **c)
                         .await?
                     })
-                } else {
-                    None
                 };
                 commit(tx).await?;
-                Ok(Some(Fetched { deliveries, next_due_ms }))
+                Ok(Some(Fetched { deliveries, next_due_ms, full }))
             })
             .await?;
         outcome.ok_or(BusError::NotFound("consumer"))
@@ -737,6 +754,45 @@ async fn lock_group(tx: &mut Tx, tenant: &TenantId, name: &str) -> Result<Option
         sqlx::query_as(&sql).bind(tenant.as_str()).bind(name).fetch_optional(&mut **c).await?
     });
     row.map(Group::try_from).transpose()
+}
+
+/// A select-list item that turns off `synchronous_commit` for the rest of the transaction
+/// (PostgreSQL). Fetches and acks only change delivery state: the cursor, pending deliveries
+/// and their removal. If a server crash loses such a commit (at most about three
+/// `wal_writer_delay`s of them; PostgreSQL never applies half of one), the cursor and pending
+/// rows roll back together and the events are delivered again: at-least-once holds, as after
+/// a lost ack. Publishes, dead letters, re-drives and purges keep synchronous commit: losing
+/// one of those would lose an event or bring a purged one back. Without it every delivered
+/// event would wait for two WAL flushes, its fetch's and its ack's.
+const DELIVERY_STATE_ASYNC_COMMIT: &str = "set_config('synchronous_commit', 'off', true) AS async_commit";
+
+/// What a fetch needs to know about a group before handing anything out, read in one
+/// statement (each statement is a round trip the publish-to-deliver latency pays).
+#[derive(sqlx::FromRow)]
+struct GroupState {
+    /// Deliveries outstanding within their deadline: the pending slots in use.
+    busy: i64,
+    /// The earliest deadline or due time among the group's pending deliveries.
+    due_ms_min: Option<i64>,
+    /// The last committed sequence.
+    head: i64,
+}
+
+/// Reads the [`GroupState`]. On PostgreSQL it also makes the fetch's transaction commit
+/// without waiting for its WAL flush: see [`DELIVERY_STATE_ASYNC_COMMIT`].
+async fn group_state(tx: &mut Tx, group: &Group, now: i64) -> Result<GroupState, sqlx::Error> {
+    const STATE: &str = "SELECT COALESCE(SUM(CASE WHEN outstanding AND due_ms > $2 THEN 1 ELSE 0 END), 0) AS busy, \
+         MIN(due_ms) AS due_ms_min, (SELECT last_seq FROM bus_meta WHERE id = 1) AS head";
+    Ok(match tx {
+        Tx::Sqlite(c) => {
+            let sql = format!("{STATE} FROM bus_pending WHERE consumer_id = $1");
+            sqlx::query_as(&sql).bind(group.id).bind(now).fetch_one(&mut **c).await?
+        }
+        Tx::Postgres(c) => {
+            let sql = format!("{STATE}, {DELIVERY_STATE_ASYNC_COMMIT} FROM bus_pending WHERE consumer_id = $1");
+            sqlx::query_as(&sql).bind(group.id).bind(now).fetch_one(&mut **c).await?
+        }
+    })
 }
 
 /// The last committed sequence (the publish lock holds it on PostgreSQL when `locked`).
@@ -809,19 +865,19 @@ async fn dead_letter(tx: &mut Tx, group: &Group, seqs: &[i64], reason: &str, now
 }
 
 /// Hands out up to `max` deliveries of `group`: due redeliveries first, then new events after
-/// the cursor, within `pending_max`.
-async fn deliver(tx: &mut Tx, group: &mut Group, max: u32, now: i64) -> Result<Vec<Delivery>, sqlx::Error> {
-    let busy: i64 = on_tx!(tx, |c| {
-        sqlx::query_scalar("SELECT COUNT(*) FROM bus_pending WHERE consumer_id = $1 AND outstanding AND due_ms > $2")
-            .bind(group.id)
-            .bind(now)
-            .fetch_one(&mut **c)
-            .await?
-    });
-    let room = (i64::from(group.spec.pending_max) - busy).max(0);
+/// the cursor, within `pending_max`. The flag says the group had no free pending slot.
+async fn deliver(
+    tx: &mut Tx,
+    group: &mut Group,
+    max: u32,
+    now: i64,
+    state: &GroupState,
+    due_now: bool,
+) -> Result<(Vec<Delivery>, bool), sqlx::Error> {
+    let room = (i64::from(group.spec.pending_max) - state.busy).max(0);
     let mut slots = room.min(i64::from(max));
     if slots == 0 {
-        return Ok(Vec::new());
+        return Ok((Vec::new(), room == 0));
     }
     let nonce = nonce();
     let mut out = Vec::new();
@@ -838,19 +894,23 @@ async fn deliver(tx: &mut Tx, group: &mut Group, max: u32, now: i64) -> Result<V
     };
 
     // (1) Due redeliveries, in sequence order.
-    let due: Vec<DueRow> = on_tx!(tx, |c| {
-        let sql = format!(
-            "SELECT p.delivery, {EVENT_COLUMNS} FROM bus_pending p JOIN bus_events e ON e.seq = p.seq \
+    let due: Vec<DueRow> = if !due_now {
+        Vec::new()
+    } else {
+        on_tx!(tx, |c| {
+            let sql = format!(
+                "SELECT p.delivery, {EVENT_COLUMNS} FROM bus_pending p JOIN bus_events e ON e.seq = p.seq \
              WHERE p.consumer_id = $1 AND p.due_ms <= $2 AND p.delivery < $3 ORDER BY p.seq LIMIT $4"
-        );
-        sqlx::query_as(&sql)
-            .bind(group.id)
-            .bind(now)
-            .bind(i64::from(spec.deliveries_max))
-            .bind(slots)
-            .fetch_all(&mut **c)
-            .await?
-    });
+            );
+            sqlx::query_as(&sql)
+                .bind(group.id)
+                .bind(now)
+                .bind(i64::from(spec.deliveries_max))
+                .bind(slots)
+                .fetch_all(&mut **c)
+                .await?
+        })
+    };
     let mut by_delivery: BTreeMap<i64, Vec<i64>> = BTreeMap::new();
     for row in due {
         let delivery = row.delivery + 1;
@@ -877,7 +937,7 @@ async fn deliver(tx: &mut Tx, group: &mut Group, max: u32, now: i64) -> Result<V
     slots -= i64::try_from(out.len()).unwrap_or(0);
 
     // (2) New events after the cursor, up to the committed head.
-    let head = head_in(tx, false).await?;
+    let head = state.head;
     let filter = subject_sql(&spec.filter);
     let mut cursor = group.cursor;
     let mut fresh: Vec<i64> = Vec::new();
@@ -936,7 +996,7 @@ async fn deliver(tx: &mut Tx, group: &mut Group, max: u32, now: i64) -> Result<V
         });
         group.cursor = cursor;
     }
-    Ok(out)
+    Ok((out, false))
 }
 
 /// Queues these sequences of `consumer_id` for delivery again, counting from zero.
@@ -1355,10 +1415,13 @@ impl Bus for EmbeddedBus {
         let wait = wait.min(Duration::from_millis(FETCH_WAIT_MS_MAX));
         let deadline = tokio::time::Instant::now() + wait;
         loop {
-            // Registered before looking, so a publish between the look and the wait wakes us.
+            // Registered before looking, so a publish (or an ack, for a full group) between the
+            // look and the wait wakes us.
             let woken = self.wake.notified();
-            tokio::pin!(woken);
+            let freed = self.room.notified();
+            tokio::pin!(woken, freed);
             woken.as_mut().enable();
+            freed.as_mut().enable();
             let fetched = self.fetch_once(tenant, consumer, max).await?;
             if !fetched.deliveries.is_empty() || max == 0 {
                 return Ok(fetched.deliveries);
@@ -1372,9 +1435,17 @@ impl Bus for EmbeddedBus {
                 let until = u64::try_from(due_ms.saturating_sub(self.clock.now_ms())).unwrap_or(0).max(1);
                 nap = nap.min(Duration::from_millis(until));
             }
-            tokio::select! {
-                () = &mut woken => {}
-                () = tokio::time::sleep(nap) => {}
+            if fetched.full {
+                tokio::select! {
+                    () = &mut woken => {}
+                    () = &mut freed => {}
+                    () = tokio::time::sleep(nap) => {}
+                }
+            } else {
+                tokio::select! {
+                    () = &mut woken => {}
+                    () = tokio::time::sleep(nap) => {}
+                }
             }
         }
     }
@@ -1390,12 +1461,12 @@ impl Bus for EmbeddedBus {
             // transaction below tells a missing group from a stale token.
             let done = self
                 .run("bus.ack", || async {
-                    let sql = "DELETE FROM bus_pending WHERE consumer_id = $1 AND seq = $2 AND delivery = $3 \
-                         AND nonce = $4 AND outstanding AND consumer_id = \
+                    const DELETE: &str = "DELETE FROM bus_pending WHERE consumer_id = $1 AND seq = $2 \
+                         AND delivery = $3 AND nonce = $4 AND outstanding AND consumer_id = \
                          (SELECT consumer_id FROM bus_consumers WHERE tenant = $5 AND name = $6)";
                     macro_rules! delete {
-                        ($pool:expr) => {
-                            sqlx::query(sql)
+                        ($pool:expr, $sql:expr) => {
+                            sqlx::query($sql)
                                 .bind(parsed.consumer_id)
                                 .bind(parsed.seq)
                                 .bind(parsed.delivery)
@@ -1408,13 +1479,17 @@ impl Bus for EmbeddedBus {
                         };
                     }
                     match &self.store.pools {
-                        Pools::Sqlite { write, .. } => delete!(write),
-                        Pools::Postgres(pool) => delete!(pool),
+                        Pools::Sqlite { write, .. } => delete!(write, DELETE),
+                        Pools::Postgres(pool) => {
+                            // The statement's own transaction commits asynchronously.
+                            let sql = format!("{DELETE} AND (SELECT {DELIVERY_STATE_ASYNC_COMMIT}) IS NOT NULL");
+                            delete!(pool, &sql)
+                        }
                     }
                 })
                 .await?;
             if done == 1 {
-                self.wake.notify_waiters();
+                self.room.notify_waiters();
                 return Ok(());
             }
         }
@@ -1485,9 +1560,14 @@ impl Bus for EmbeddedBus {
                 Ok(Ok(()))
             })
             .await?;
-        if outcome.is_ok() && kind != AckKind::InProgress {
-            // A freed pending slot or a nacked delivery may let a waiting fetch go on.
-            self.wake.notify_waiters();
+        if outcome.is_ok() {
+            match kind {
+                // A nacked delivery becomes due: waiting fetches look again.
+                AckKind::Nack { .. } => self.wake.notify_waiters(),
+                // A freed pending slot lets a fetch that found its group full go on.
+                AckKind::Ack | AckKind::Term => self.room.notify_waiters(),
+                AckKind::InProgress => {}
+            }
         }
         outcome
     }
