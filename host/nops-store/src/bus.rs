@@ -688,11 +688,10 @@ impl EmbeddedBus {
         let outcome = self
             .run("bus.fetch", || async {
                 let mut tx = self.begin().await?;
-                let Some(mut group) = lock_group(&mut tx, tenant, consumer).await? else {
+                let now = self.clock.now_ms();
+                let Some((mut group, state)) = open_group(&mut tx, tenant, consumer, now).await? else {
                     return Ok(None);
                 };
-                let now = self.clock.now_ms();
-                let state = group_state(&mut tx, &group, now).await?;
                 // Nothing pending is due (the common case): no dead letters and no redeliveries
                 // to look for.
                 let due_now = state.due_ms_min.is_some_and(|due| due <= now);
@@ -778,21 +777,55 @@ struct GroupState {
     head: i64,
 }
 
-/// Reads the [`GroupState`]. On PostgreSQL it also makes the fetch's transaction commit
-/// without waiting for its WAL flush: see [`DELIVERY_STATE_ASYNC_COMMIT`].
-async fn group_state(tx: &mut Tx, group: &Group, now: i64) -> Result<GroupState, sqlx::Error> {
-    const STATE: &str = "SELECT COALESCE(SUM(CASE WHEN outstanding AND due_ms > $2 THEN 1 ELSE 0 END), 0) AS busy, \
-         MIN(due_ms) AS due_ms_min, (SELECT last_seq FROM bus_meta WHERE id = 1) AS head";
-    Ok(match tx {
-        Tx::Sqlite(c) => {
-            let sql = format!("{STATE} FROM bus_pending WHERE consumer_id = $1");
-            sqlx::query_as(&sql).bind(group.id).bind(now).fetch_one(&mut **c).await?
-        }
-        Tx::Postgres(c) => {
-            let sql = format!("{STATE}, {DELIVERY_STATE_ASYNC_COMMIT} FROM bus_pending WHERE consumer_id = $1");
-            sqlx::query_as(&sql).bind(group.id).bind(now).fetch_one(&mut **c).await?
-        }
-    })
+/// A group's row with its [`GroupState`].
+#[derive(sqlx::FromRow)]
+struct GroupWithState {
+    #[sqlx(flatten)]
+    group: GroupRow,
+    #[sqlx(flatten)]
+    state: GroupState,
+}
+
+/// The group `(tenant, name)` and its [`GroupState`] at `now`, for a fetch. On SQLite (one
+/// writer, nothing to lock) that is one statement; on PostgreSQL the group's row is locked
+/// first and the state read after, and the transaction commits without waiting for its WAL
+/// flush (see [`DELIVERY_STATE_ASYNC_COMMIT`]).
+async fn open_group(
+    tx: &mut Tx,
+    tenant: &TenantId,
+    name: &str,
+    now: i64,
+) -> Result<Option<(Group, GroupState)>, sqlx::Error> {
+    if let Tx::Sqlite(c) = tx {
+        let sql = format!(
+            "SELECT {GROUP_COLUMNS}, \
+                 (SELECT COALESCE(SUM(CASE WHEN p.outstanding AND p.due_ms > $3 THEN 1 ELSE 0 END), 0) \
+                  FROM bus_pending p WHERE p.consumer_id = bus_consumers.consumer_id) AS busy, \
+                 (SELECT MIN(p.due_ms) FROM bus_pending p WHERE p.consumer_id = bus_consumers.consumer_id) \
+                  AS due_ms_min, \
+                 (SELECT last_seq FROM bus_meta WHERE id = 1) AS head \
+                 FROM bus_consumers WHERE tenant = $1 AND name = $2"
+        );
+        let row: Option<GroupWithState> =
+            sqlx::query_as(&sql).bind(tenant.as_str()).bind(name).bind(now).fetch_optional(&mut **c).await?;
+        return row.map(|row| Ok((Group::try_from(row.group)?, row.state))).transpose();
+    }
+    // PostgreSQL: lock first, so the state read after is the state this fetch works on.
+    let Some(group) = lock_group(tx, tenant, name).await? else {
+        return Ok(None);
+    };
+    let state = on_tx!(tx, |c| {
+        sqlx::query_as(&format!(
+            "SELECT COALESCE(SUM(CASE WHEN outstanding AND due_ms > $2 THEN 1 ELSE 0 END), 0) AS busy, \
+                 MIN(due_ms) AS due_ms_min, (SELECT last_seq FROM bus_meta WHERE id = 1) AS head, \
+                 {DELIVERY_STATE_ASYNC_COMMIT} FROM bus_pending WHERE consumer_id = $1"
+        ))
+        .bind(group.id)
+        .bind(now)
+        .fetch_one(&mut **c)
+        .await?
+    });
+    Ok(Some((group, state)))
 }
 
 /// The last committed sequence (the publish lock holds it on PostgreSQL when `locked`).
