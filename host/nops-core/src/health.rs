@@ -38,13 +38,22 @@
 //!
 //! More errors, higher latency, more load or longer silence all lower both numbers.
 //!
+//! # Snapshots for routing
+//! Routing reads every candidate's snapshot on each decision. [`HealthTable::routing_snapshot_at`]
+//! reuses the decayed part (health, weight, error rate, request rate) for up to
+//! `snapshot_refresh_ms` ([`SNAPSHOT_REFRESH_MS_DEFAULT`]), as Envoy's client-side weighted round
+//! robin recomputes its weights every `weight_update_period` rather than per pick. The reuse
+//! ends at once when a heartbeat, an attempt's start or outcome, or a breaker change touches the
+//! agent; staleness, the breaker's verdict, the silence and the in-flight count are always read
+//! live, so a stale or breaker-open agent is never routed to because of the reuse.
+//!
 //! # Circuit breaker
 //! See [`BreakerConfig`] and [`BreakerState`]: closed → open when the trip condition holds,
 //! open → half-open after `open_ms` (doubling on each consecutive trip up to `open_ms_max`),
 //! half-open admits at most `half_open_probes_max` probes; a probe's success closes, its
 //! failure reopens.
 
-use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU8, AtomicU32, AtomicU64, AtomicUsize, Ordering, fence};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -57,6 +66,9 @@ use crate::metrics::Metrics;
 use crate::routing::AttemptOutcome;
 use crate::tenant::TenantId;
 use crate::{CoreError, CoreResult};
+
+/// Default of [`HealthConfig::snapshot_refresh_ms`].
+pub const SNAPSHOT_REFRESH_MS_DEFAULT: u64 = 100;
 
 /// Settings of health scoring.
 #[derive(Debug, Clone, PartialEq)]
@@ -80,6 +92,10 @@ pub struct HealthConfig {
     pub utilization_floor: f64,
     /// Most agents whose health and weight are exported as per-agent gauges.
     pub metrics_agents_max: usize,
+    /// Longest routing reuses an agent's computed health, weight, error rate and request rate
+    /// while nothing about the agent changes, in milliseconds (0: recompute on every
+    /// decision). Staleness, the breaker and the in-flight count are always read live.
+    pub snapshot_refresh_ms: u64,
     /// The circuit breaker.
     pub breaker: BreakerConfig,
 }
@@ -96,6 +112,7 @@ impl Default for HealthConfig {
             qps_floor: 1.0,
             utilization_floor: 0.1,
             metrics_agents_max: 1_000,
+            snapshot_refresh_ms: SNAPSHOT_REFRESH_MS_DEFAULT,
             breaker: BreakerConfig::default(),
         }
     }
@@ -121,6 +138,9 @@ impl HealthConfig {
         }
         if !(self.error_penalty.is_finite() && self.error_penalty >= 0.0) {
             return bad("health: error_penalty must be zero or positive");
+        }
+        if self.snapshot_refresh_ms > self.latency_tau_ms.min(self.rate_tau_ms) {
+            return bad("health: snapshot_refresh_ms must not exceed latency_tau_ms or rate_tau_ms");
         }
         self.breaker.validate()
     }
@@ -295,6 +315,20 @@ struct AgentHealth {
     breaker: Breaker,
 }
 
+/// The part of a snapshot that decays with time: what routing may reuse for
+/// `snapshot_refresh_ms`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Scores {
+    /// When they were computed, in ms since the epoch.
+    computed_ms: i64,
+    /// Attempts the kernel had in flight then (a different count means recompute).
+    kernel_in_flight: u32,
+    health: f64,
+    weight: f64,
+    error_rate: f64,
+    qps: f64,
+}
+
 #[derive(Debug, Clone)]
 struct Breaker {
     state: BreakerState,
@@ -307,6 +341,41 @@ struct Breaker {
     probes_in_flight: u32,
     last_probe_ms: i64,
     window: [Bucket; WINDOW_BUCKETS],
+}
+
+/// The part of a breaker that decides whether it admits an attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Gate {
+    state: BreakerState,
+    open_until_ms: i64,
+    probes_in_flight: u32,
+    last_probe_ms: i64,
+}
+
+impl Gate {
+    /// The state as shown: an open breaker whose time is up shows as half-open.
+    fn shown(&self, now_ms: i64) -> BreakerState {
+        match self.state {
+            BreakerState::Open if now_ms >= self.open_until_ms => BreakerState::HalfOpen,
+            state => state,
+        }
+    }
+
+    /// Whether the breaker lets an attempt through now (without taking a probe slot).
+    fn admits(&self, now_ms: i64, config: &BreakerConfig) -> bool {
+        match self.state {
+            BreakerState::Closed => true,
+            BreakerState::Open => now_ms >= self.open_until_ms,
+            BreakerState::HalfOpen => {
+                self.probes_in_flight < config.half_open_probes_max || self.probe_lost(now_ms, config)
+            }
+        }
+    }
+
+    /// A probe with no answer for `open_ms_max` is presumed lost and its slot freed.
+    fn probe_lost(&self, now_ms: i64, config: &BreakerConfig) -> bool {
+        now_ms - self.last_probe_ms > i64::try_from(config.open_ms_max).unwrap_or(i64::MAX)
+    }
 }
 
 /// What an outcome did to a breaker.
@@ -389,20 +458,19 @@ impl Breaker {
         Transition::To(from, BreakerState::Closed)
     }
 
-    /// Whether the breaker lets an attempt through now (without taking a probe slot).
-    fn admits(&self, now_ms: i64, config: &BreakerConfig) -> bool {
-        match self.state {
-            BreakerState::Closed => true,
-            BreakerState::Open => now_ms >= self.open_until_ms,
-            BreakerState::HalfOpen => {
-                self.probes_in_flight < config.half_open_probes_max || self.probe_lost(now_ms, config)
-            }
+    /// What decides whether the breaker admits an attempt.
+    fn gate(&self) -> Gate {
+        Gate {
+            state: self.state,
+            open_until_ms: self.open_until_ms,
+            probes_in_flight: self.probes_in_flight,
+            last_probe_ms: self.last_probe_ms,
         }
     }
 
     /// A probe with no answer for `open_ms_max` is presumed lost and its slot freed.
     fn probe_lost(&self, now_ms: i64, config: &BreakerConfig) -> bool {
-        now_ms - self.last_probe_ms > i64::try_from(config.open_ms_max).unwrap_or(i64::MAX)
+        self.gate().probe_lost(now_ms, config)
     }
 
     fn outcome(&mut self, failed: bool, now_ms: i64, config: &BreakerConfig) -> Transition {
@@ -440,6 +508,143 @@ pub struct HealthCell {
     /// Attempts the kernel has in flight on the agent.
     in_flight: AtomicU32,
     state: Mutex<AgentHealth>,
+    /// What routing reads without taking `state`'s lock; written only under it.
+    view: RoutingView,
+}
+
+/// The inputs of a snapshot that are never reused: read from the agent's state, or from a
+/// valid [`RoutingView`] (which holds the current state).
+#[derive(Debug, Clone, Copy)]
+struct Live {
+    latency_ms: f64,
+    cpu_ratio: Option<f64>,
+    reported_in_flight: u32,
+    last_seen_ms: i64,
+    gate: Gate,
+}
+
+/// An agent's state as routing reads it, published under the agent's lock and read without
+/// it, so a decision over many agents takes no lock per agent: a sequence lock over atomics
+/// (a reader that finds the sequence odd, or moved, takes the lock instead). Every change to
+/// the agent clears `valid` first, so a valid view holds the agent's current inputs, and its
+/// decayed scores as of `computed_ms`.
+///
+/// Written here rather than taken from a crate: `arc_swap::ArcSwapOption` was tried and costs
+/// two locked instructions per read (its debt slot), which is what the agent's mutex cost.
+/// Over 1,000 candidates that measured 33 µs per decision against 20 µs for this view
+/// (`route-bench`, built-in p2c, same run). The reads are plain atomic loads, so the cache
+/// misses of consecutive agents overlap. Safe code only: a torn read is detected by the
+/// sequence and never used.
+#[derive(Debug, Default)]
+struct RoutingView {
+    /// Even while stable, odd while being written.
+    seq: AtomicU64,
+    valid: AtomicBool,
+    computed_ms: AtomicI64,
+    kernel_in_flight: AtomicU32,
+    health: AtomicU64,
+    weight: AtomicU64,
+    error_rate: AtomicU64,
+    qps: AtomicU64,
+    latency_ms: AtomicU64,
+    cpu_ratio: AtomicU64,
+    has_cpu_ratio: AtomicBool,
+    reported_in_flight: AtomicU32,
+    last_seen_ms: AtomicI64,
+    breaker_state: AtomicU8,
+    open_until_ms: AtomicI64,
+    probes_in_flight: AtomicU32,
+    last_probe_ms: AtomicI64,
+}
+
+/// A consistent read of a valid [`RoutingView`].
+#[derive(Debug, Clone, Copy)]
+struct ViewRead {
+    scores: Scores,
+    latency_ms: f64,
+    cpu_ratio: Option<f64>,
+    reported_in_flight: u32,
+    last_seen_ms: i64,
+    gate: Gate,
+}
+
+impl RoutingView {
+    /// Marks the view out of date. Call with the agent's lock held, before changing it.
+    fn invalidate(&self) {
+        if self.valid.load(Ordering::Relaxed) {
+            self.write(|view| view.valid.store(false, Ordering::Relaxed));
+        }
+    }
+
+    /// Publishes the agent's state `s` and its `scores`. Call with the agent's lock held.
+    fn publish(&self, s: &AgentHealth, scores: &Scores) {
+        self.write(|view| {
+            let relaxed = Ordering::Relaxed;
+            view.computed_ms.store(scores.computed_ms, relaxed);
+            view.kernel_in_flight.store(scores.kernel_in_flight, relaxed);
+            view.health.store(scores.health.to_bits(), relaxed);
+            view.weight.store(scores.weight.to_bits(), relaxed);
+            view.error_rate.store(scores.error_rate.to_bits(), relaxed);
+            view.qps.store(scores.qps.to_bits(), relaxed);
+            view.latency_ms.store(s.latency.cost_ms.to_bits(), relaxed);
+            view.cpu_ratio.store(s.cpu_ratio.unwrap_or(0.0).to_bits(), relaxed);
+            view.has_cpu_ratio.store(s.cpu_ratio.is_some(), relaxed);
+            view.reported_in_flight.store(s.reported_in_flight, relaxed);
+            view.last_seen_ms.store(s.last_seen_ms, relaxed);
+            let gate = s.breaker.gate();
+            view.breaker_state.store(gate.state as u8, relaxed);
+            view.open_until_ms.store(gate.open_until_ms, relaxed);
+            view.probes_in_flight.store(gate.probes_in_flight, relaxed);
+            view.last_probe_ms.store(gate.last_probe_ms, relaxed);
+            view.valid.store(true, relaxed);
+        });
+    }
+
+    /// Runs `f` inside the sequence (writers are serialized by the agent's lock).
+    fn write(&self, f: impl FnOnce(&Self)) {
+        let seq = self.seq.load(Ordering::Relaxed);
+        self.seq.store(seq.wrapping_add(1), Ordering::Relaxed);
+        fence(Ordering::Release);
+        f(self);
+        self.seq.store(seq.wrapping_add(2), Ordering::Release);
+    }
+
+    /// A consistent read of a valid view, or `None` (being written, changed meanwhile, or
+    /// out of date).
+    fn read(&self) -> Option<ViewRead> {
+        let relaxed = Ordering::Relaxed;
+        let seq = self.seq.load(Ordering::Acquire);
+        if seq & 1 == 1 {
+            return None;
+        }
+        let valid = self.valid.load(relaxed);
+        let read = ViewRead {
+            scores: Scores {
+                computed_ms: self.computed_ms.load(relaxed),
+                kernel_in_flight: self.kernel_in_flight.load(relaxed),
+                health: f64::from_bits(self.health.load(relaxed)),
+                weight: f64::from_bits(self.weight.load(relaxed)),
+                error_rate: f64::from_bits(self.error_rate.load(relaxed)),
+                qps: f64::from_bits(self.qps.load(relaxed)),
+            },
+            latency_ms: f64::from_bits(self.latency_ms.load(relaxed)),
+            cpu_ratio: self.has_cpu_ratio.load(relaxed).then(|| f64::from_bits(self.cpu_ratio.load(relaxed))),
+            reported_in_flight: self.reported_in_flight.load(relaxed),
+            last_seen_ms: self.last_seen_ms.load(relaxed),
+            gate: Gate {
+                state: match self.breaker_state.load(relaxed) {
+                    0 => BreakerState::Closed,
+                    1 => BreakerState::Open,
+                    _ => BreakerState::HalfOpen,
+                },
+                open_until_ms: self.open_until_ms.load(relaxed),
+                probes_in_flight: self.probes_in_flight.load(relaxed),
+                last_probe_ms: self.last_probe_ms.load(relaxed),
+            },
+        };
+        fence(Ordering::Acquire);
+        (valid && self.seq.load(relaxed) == seq).then_some(read)
+    }
 }
 
 fn lock(m: &Mutex<AgentHealth>) -> MutexGuard<'_, AgentHealth> {
@@ -668,6 +873,7 @@ impl HealthTable {
                         cpu_ratio: None,
                         breaker: Breaker::new(self.clock.now_ms()),
                     }),
+                    view: RoutingView::default(),
                 })
             })
             .clone();
@@ -705,6 +911,7 @@ impl HealthTable {
         let tau_latency = self.config.latency_tau_ms as f64;
         let tau_rate = self.config.rate_tau_ms as f64;
         let mut s = lock(&cell.state);
+        cell.view.invalidate();
         s.last_seen_ms = s.last_seen_ms.max(now_ms);
         if let Some(latency) = load.latency_ms {
             s.latency.observe(latency, now_ms, tau_latency);
@@ -730,6 +937,7 @@ impl HealthTable {
     pub fn seen(&self, id: AgentId, tenant: &TenantId, now_ms: i64) {
         let cell = self.cell(id, tenant, now_ms);
         let mut s = lock(&cell.state);
+        cell.view.invalidate();
         s.last_seen_ms = s.last_seen_ms.max(now_ms);
     }
 
@@ -749,6 +957,7 @@ impl HealthTable {
         let failed = outcome != AttemptOutcome::Success;
         let transition = {
             let mut s = lock(&cell.state);
+            cell.view.invalidate();
             s.latency.observe(elapsed.as_secs_f64() * 1_000.0, now_ms, self.config.latency_tau_ms as f64);
             let tau_rate = self.config.rate_tau_ms as f64;
             s.requests.add(1.0, now_ms, tau_rate);
@@ -767,6 +976,7 @@ impl HealthTable {
         let now_ms = self.clock.now_ms();
         let (admitted, transition) = {
             let mut s = lock(&cell.state);
+            cell.view.invalidate();
             let transition = s.breaker.tick(now_ms);
             let config = &self.config.breaker;
             let admitted = match s.breaker.state {
@@ -809,10 +1019,52 @@ impl HealthTable {
         self.snapshot_at(cell, now_ms)
     }
 
-    /// The snapshot of `cell` at `now_ms` (routing reads the clock once per decision).
+    /// The snapshot of `cell` at `now_ms`, every number computed now.
     pub fn snapshot_at(&self, cell: &HealthCell, now_ms: i64) -> HealthSnapshot {
         let kernel_in_flight = cell.in_flight.load(Ordering::Relaxed);
         let s = lock(&cell.state);
+        let scores = self.scores(&s, kernel_in_flight, now_ms);
+        self.snapshot_with(&s, scores, kernel_in_flight, now_ms)
+    }
+
+    /// The snapshot of `cell` at `now_ms` for a routing decision (which reads the clock once):
+    /// health, weight, error rate and request rate are reused from the last decision when
+    /// they are younger than `snapshot_refresh_ms` and nothing about the agent changed since
+    /// (no heartbeat, attempt or breaker change; the same attempts in flight). Staleness,
+    /// silence, in-flight count and the breaker's verdict are read live, as in
+    /// [`HealthTable::snapshot_at`].
+    pub fn routing_snapshot_at(&self, cell: &HealthCell, now_ms: i64) -> HealthSnapshot {
+        let kernel_in_flight = cell.in_flight.load(Ordering::Relaxed);
+        if let Some(view) = cell.view.read() {
+            let c = &view.scores;
+            if c.kernel_in_flight == kernel_in_flight
+                && now_ms >= c.computed_ms
+                && now_ms - c.computed_ms < i64::try_from(self.config.snapshot_refresh_ms).unwrap_or(i64::MAX)
+            {
+                return self.snapshot_of(
+                    view.scores,
+                    Live {
+                        latency_ms: view.latency_ms,
+                        cpu_ratio: view.cpu_ratio,
+                        reported_in_flight: view.reported_in_flight,
+                        last_seen_ms: view.last_seen_ms,
+                        gate: view.gate,
+                    },
+                    kernel_in_flight,
+                    now_ms,
+                );
+            }
+        }
+        let s = lock(&cell.state);
+        let scores = self.scores(&s, kernel_in_flight, now_ms);
+        if self.config.snapshot_refresh_ms > 0 {
+            cell.view.publish(&s, &scores);
+        }
+        self.snapshot_with(&s, scores, kernel_in_flight, now_ms)
+    }
+
+    /// The decayed part of a snapshot, computed at `now_ms`.
+    fn scores(&self, s: &AgentHealth, kernel_in_flight: u32, now_ms: i64) -> Scores {
         let tau_rate = self.config.rate_tau_ms as f64;
         // Both counters are added to together, so they usually share one decay factor.
         let (requests, errors) = if s.requests.stamp_ms == s.errors.stamp_ms {
@@ -830,24 +1082,46 @@ impl HealthTable {
             in_flight: kernel_in_flight.saturating_add(s.reported_in_flight),
             cpu_ratio: s.cpu_ratio,
         };
-        let breaker_state = match s.breaker.state {
-            BreakerState::Open if now_ms >= s.breaker.open_until_ms => BreakerState::HalfOpen,
-            state => state,
-        };
         let health = health_score(&inputs, &self.config);
-        HealthSnapshot {
+        Scores {
+            computed_ms: now_ms,
+            kernel_in_flight,
             health,
             weight: weight_with_health(&inputs, health, &self.config),
-            latency_ms: inputs.latency_ms,
             error_rate,
             qps: inputs.qps,
-            in_flight: inputs.in_flight,
-            kernel_in_flight,
+        }
+    }
+
+    /// A snapshot from `scores` and the agent's live state at `now_ms`.
+    fn snapshot_with(&self, s: &AgentHealth, scores: Scores, kernel_in_flight: u32, now_ms: i64) -> HealthSnapshot {
+        let live = Live {
+            latency_ms: s.latency.cost_ms,
             cpu_ratio: s.cpu_ratio,
-            silence_ms: inputs.silence_ms,
-            stale: inputs.silence_ms >= self.config.stale_after_ms,
-            breaker: breaker_state,
-            admits: s.breaker.admits(now_ms, &self.config.breaker),
+            reported_in_flight: s.reported_in_flight,
+            last_seen_ms: s.last_seen_ms,
+            gate: s.breaker.gate(),
+        };
+        self.snapshot_of(scores, live, kernel_in_flight, now_ms)
+    }
+
+    /// A snapshot from `scores` and `live` inputs: staleness and the breaker's verdict are
+    /// decided here, at `now_ms`, never reused.
+    fn snapshot_of(&self, scores: Scores, live: Live, kernel_in_flight: u32, now_ms: i64) -> HealthSnapshot {
+        let silence_ms = (now_ms - live.last_seen_ms).max(0);
+        HealthSnapshot {
+            health: scores.health,
+            weight: scores.weight,
+            latency_ms: live.latency_ms,
+            error_rate: scores.error_rate,
+            qps: scores.qps,
+            in_flight: kernel_in_flight.saturating_add(live.reported_in_flight),
+            kernel_in_flight,
+            cpu_ratio: live.cpu_ratio,
+            silence_ms,
+            stale: silence_ms >= self.config.stale_after_ms,
+            breaker: live.gate.shown(now_ms),
+            admits: live.gate.admits(now_ms, &self.config.breaker),
         }
     }
 
@@ -899,7 +1173,14 @@ impl HealthTable {
             self.metrics.agent_weight.with_label_values(&[&label]).set(snap.weight);
         }
         for cell in &self.cells {
-            let transition = lock(&cell.state).breaker.tick(now_ms);
+            let transition = {
+                let mut s = lock(&cell.state);
+                let transition = s.breaker.tick(now_ms);
+                if transition != Transition::None {
+                    cell.view.invalidate();
+                }
+                transition
+            };
             self.count_transition(cell.value(), transition);
         }
     }
@@ -1063,6 +1344,81 @@ mod tests {
         clock.advance_ms(2_000);
         table.attempt_finished(id, Duration::ZERO, AttemptOutcome::Failure);
         assert_eq!(table.snapshot(&cell).breaker, BreakerState::Closed);
+    }
+
+    #[test]
+    fn routing_snapshots_are_reused_until_the_refresh_period_or_a_change() {
+        let (table, clock, id) = table(BreakerConfig::default());
+        let tenant = TenantId::default_tenant();
+        let cell = table.get(id).expect("entry");
+        let load = |errors, requests| Load { error_count: errors, request_count: requests, ..Load::default() };
+        table.heartbeat(id, &tenant, clock.now_ms(), &load(0, 0));
+        clock.advance_ms(1_000);
+        table.heartbeat(id, &tenant, clock.now_ms(), &load(10, 100));
+        let first = table.routing_snapshot_at(&cell, clock.now_ms());
+        assert_eq!(first, table.snapshot(&cell));
+        // Within the refresh period the decayed numbers are reused; live ones move.
+        clock.advance_ms(50);
+        let reused = table.routing_snapshot_at(&cell, clock.now_ms());
+        assert_eq!((reused.qps, reused.health, reused.weight), (first.qps, first.health, first.weight));
+        assert!(table.snapshot(&cell).qps < first.qps, "the counters decayed meanwhile");
+        assert_eq!(reused.silence_ms, 50, "silence is read live");
+        // Attempts in flight are read live.
+        table.attempt_started(id);
+        let busy = table.routing_snapshot_at(&cell, clock.now_ms());
+        assert_eq!((busy.in_flight, busy.kernel_in_flight), (1, 1));
+        assert!(busy.health < first.health);
+        table.attempt_finished(id, Duration::from_millis(5), AttemptOutcome::Success);
+        // After the refresh period they are recomputed.
+        clock.advance_ms(SNAPSHOT_REFRESH_MS_DEFAULT as i64);
+        assert_eq!(table.routing_snapshot_at(&cell, clock.now_ms()), table.snapshot(&cell));
+        // A heartbeat invalidates at once.
+        clock.advance_ms(10);
+        table.heartbeat(id, &tenant, clock.now_ms(), &Load { latency_ms: Some(5_000.0), ..load(10, 100) });
+        let slow = table.routing_snapshot_at(&cell, clock.now_ms());
+        assert_eq!(slow, table.snapshot(&cell));
+        assert_eq!(slow.latency_ms, 5_000.0);
+        // With a zero refresh period nothing is reused.
+        let config = HealthConfig { snapshot_refresh_ms: 0, ..HealthConfig::default() };
+        let never = HealthTable::new(config, Arc::new(clock.clone()), Metrics::new());
+        // Silent past the grace period: freshness falls every millisecond.
+        never.seen(id, &tenant, clock.now_ms() - 15_000);
+        let cell = never.get(id).expect("entry");
+        let before = never.routing_snapshot_at(&cell, clock.now_ms());
+        clock.advance_ms(10);
+        assert!(never.routing_snapshot_at(&cell, clock.now_ms()).health < before.health);
+    }
+
+    #[test]
+    fn reused_routing_snapshots_still_exclude_stale_and_breaker_open_agents() {
+        let config = BreakerConfig { consecutive_failures_max: 2, ..BreakerConfig::default() };
+        let (table, clock, id) = table(config);
+        let cell = table.get(id).expect("entry");
+        let stale_after_ms = table.config().stale_after_ms;
+        // Computed 1 ms before the agent goes stale, read 1 ms after: stale.
+        clock.advance_ms(stale_after_ms - 1);
+        let fresh = table.routing_snapshot_at(&cell, clock.now_ms());
+        assert!(!fresh.stale && fresh.admits);
+        clock.advance_ms(1);
+        assert!(table.routing_snapshot_at(&cell, clock.now_ms()).stale);
+        // A heartbeat brings it back at once.
+        table.seen(id, &TenantId::default_tenant(), clock.now_ms());
+        let back = table.routing_snapshot_at(&cell, clock.now_ms());
+        assert!(!back.stale && back.admits && back.silence_ms == 0);
+        // A breaker trip excludes it at once.
+        table.attempt_finished(id, Duration::ZERO, AttemptOutcome::Failure);
+        assert!(table.routing_snapshot_at(&cell, clock.now_ms()).admits);
+        table.attempt_finished(id, Duration::ZERO, AttemptOutcome::Failure);
+        let open = table.routing_snapshot_at(&cell, clock.now_ms());
+        assert_eq!((open.breaker, open.admits), (BreakerState::Open, false));
+        // The breaker's time runs out between refreshes: half-open, admitted; its one probe
+        // taken, excluded again.
+        clock.advance_ms(5_000);
+        table.seen(id, &TenantId::default_tenant(), clock.now_ms());
+        let half = table.routing_snapshot_at(&cell, clock.now_ms());
+        assert_eq!((half.breaker, half.admits), (BreakerState::HalfOpen, true));
+        assert!(table.try_admit(&cell));
+        assert!(!table.routing_snapshot_at(&cell, clock.now_ms()).admits, "its one probe is out");
     }
 
     #[test]

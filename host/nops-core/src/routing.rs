@@ -8,8 +8,9 @@
 //!    (at most `scan_max` of them, sampled when more), filtered by every requirement's
 //!    version, by labels, and by the `skip` predicate of [`Placement::place`].
 //! 2. **Health**: stale agents (silent for the stale threshold) and agents whose circuit
-//!    breaker does not admit an attempt are excluded. At most `candidates_max` of the rest are
-//!    scored (a random sample when more).
+//!    breaker does not admit an attempt are excluded (read live; the decayed health and weight
+//!    may be reused for `snapshot_refresh_ms`, see [`HealthTable::routing_snapshot_at`]). At
+//!    most `candidates_max` of the rest are scored (a random sample when more).
 //! 3. **Ranking**: the active scorer plugin (`[routing] scorer`, of the request's tenant, else
 //!    of the `default` tenant) scores every candidate; the best `count` distinct agents win.
 //!    When no scorer is active or it fails, the built-in **power of two choices** answers:
@@ -181,17 +182,40 @@ impl RoutingConfig {
     }
 }
 
-/// A candidate that passed the filters.
+/// A candidate that passed the filters: what scoring needs, compact and without a reference
+/// to the agent (the chosen few are looked up again, see [`RoutingService::resolve`]).
 struct Eligible {
-    agent: Arc<IndexedAgent>,
-    snapshot: HealthSnapshot,
-    version: semver::Version,
+    id: AgentId,
+    health: f64,
+    weight: f64,
+    in_flight: u32,
+    silence_ms: u32,
+    cpu_ratio: f32,
+    latency_ms: f32,
+    error_rate: f32,
+    /// The best version of the first requirement, as major, minor, patch.
+    version: (u32, u32, u32),
 }
 
 impl Eligible {
+    fn new(id: AgentId, snapshot: &HealthSnapshot, version: &semver::Version) -> Self {
+        let part = |x: u64| u32::try_from(x).unwrap_or(u32::MAX);
+        Self {
+            id,
+            health: snapshot.health,
+            weight: snapshot.weight,
+            in_flight: snapshot.in_flight,
+            silence_ms: u32::try_from(snapshot.silence_ms).unwrap_or(u32::MAX),
+            cpu_ratio: snapshot.cpu_ratio.unwrap_or(0.0) as f32,
+            latency_ms: snapshot.latency_ms as f32,
+            error_rate: snapshot.error_rate as f32,
+            version: (part(version.major), part(version.minor), part(version.patch)),
+        }
+    }
+
     /// The built-in fallback's measure: `health × weight / (1 + in_flight)`.
     fn p2c_score(&self) -> f64 {
-        self.snapshot.health * self.snapshot.weight / (1.0 + f64::from(self.snapshot.in_flight))
+        self.health * self.weight / (1.0 + f64::from(self.in_flight))
     }
 }
 
@@ -307,15 +331,15 @@ impl RoutingService {
         let (mut eligible, indexed, scanned) = self.registry.with_candidates(tenant, &pivot.name, |items| {
             let mut eligible = Vec::with_capacity(items.len().min(self.config.scan_max));
             let mut consider = |agent: &Arc<IndexedAgent>| {
-                let mut version = None;
+                let mut version_at = None;
                 for (i, requirement) in request.capabilities.iter().enumerate() {
-                    match agent.best_version(&requirement.name, &requirement.version) {
-                        Some(v) if i == 0 => version = Some(v.clone()),
+                    match best_version_at(agent, requirement) {
+                        Some(at) if i == 0 => version_at = Some(at),
                         Some(_) => {}
                         None => return,
                     }
                 }
-                let Some(version) = version else { return };
+                let Some(version_at) = version_at else { return };
                 if !agent.has_labels(&request.labels) {
                     return;
                 }
@@ -324,13 +348,13 @@ impl RoutingService {
                     exclusions.skipped += 1;
                     return;
                 }
-                let snapshot = self.health.snapshot_at(&agent.health, now_ms);
+                let snapshot = self.health.routing_snapshot_at(&agent.health, now_ms);
                 if snapshot.stale {
                     exclusions.stale += 1;
                 } else if !snapshot.admits {
                     exclusions.breaker += 1;
                 } else {
-                    eligible.push(Eligible { agent: agent.clone(), snapshot, version });
+                    eligible.push(Eligible::new(agent.id, &snapshot, &agent.capabilities[version_at].1));
                 }
             };
             if items.len() <= self.config.scan_max {
@@ -360,12 +384,12 @@ impl RoutingService {
             match self.score(tenant, request, &eligible).await {
                 Ok((scores, label)) => {
                     self.decisions[0].inc();
-                    (self.pick_ranked(&eligible, &scores, count, take_probe), label, false)
+                    (self.pick_ranked(tenant, request, &eligible, &scores, count, take_probe), label, false)
                 }
                 Err(reason) => {
                     self.metrics.route_fallbacks_total.with_label_values(&[reason]).inc();
                     self.decisions[1].inc();
-                    (self.pick_p2c(eligible, count, take_probe), "builtin:p2c".to_string(), true)
+                    (self.pick_p2c(tenant, request, eligible, count, take_probe), "builtin:p2c".to_string(), true)
                 }
             }
         };
@@ -418,19 +442,15 @@ impl RoutingService {
         let candidates = eligible
             .iter()
             .enumerate()
-            .map(|(i, e)| {
-                let v = &e.version;
-                let part = |x: u64| u32::try_from(x).unwrap_or(u32::MAX);
-                Candidate {
-                    index: u32::try_from(i).unwrap_or(u32::MAX),
-                    health: e.snapshot.health as f32,
-                    in_flight: e.snapshot.in_flight,
-                    cpu_ratio: e.snapshot.cpu_ratio.unwrap_or(0.0) as f32,
-                    latency_ms: e.snapshot.latency_ms as f32,
-                    error_rate: e.snapshot.error_rate as f32,
-                    silence_ms: u32::try_from(e.snapshot.silence_ms).unwrap_or(u32::MAX),
-                    version: (part(v.major), part(v.minor), part(v.patch)),
-                }
+            .map(|(i, e)| Candidate {
+                index: u32::try_from(i).unwrap_or(u32::MAX),
+                health: e.health as f32,
+                in_flight: e.in_flight,
+                cpu_ratio: e.cpu_ratio,
+                latency_ms: e.latency_ms,
+                error_rate: e.error_rate,
+                silence_ms: e.silence_ms,
+                version: e.version,
             })
             .collect();
         let task = ScoreTask {
@@ -460,20 +480,50 @@ impl RoutingService {
         }
     }
 
-    fn routed(e: &Eligible, score: f32) -> RoutedAgent {
-        RoutedAgent {
-            id: e.agent.id,
-            name: e.agent.name.clone(),
-            endpoint: e.agent.endpoint.clone(),
-            score,
-            health: e.snapshot.health as f32,
-            weight: e.snapshot.weight as f32,
-            version: e.version.to_string(),
+    /// The agent of `e` as it is now, with the position of its best version of the first
+    /// requirement; `None` when it left the index (or no longer matches) since it was
+    /// filtered.
+    fn resolve(&self, tenant: &TenantId, request: &RouteRequest, e: &Eligible) -> Option<(Arc<IndexedAgent>, usize)> {
+        let agent = self.registry.indexed(tenant, e.id)?;
+        let version_at = best_version_at(&agent, &request.capabilities[0])?;
+        Some((agent, version_at))
+    }
+
+    /// The agent of `e`, chosen with `score`, when it is still there and (for placement)
+    /// its breaker gives it the attempt.
+    fn choose(
+        &self,
+        tenant: &TenantId,
+        request: &RouteRequest,
+        e: &Eligible,
+        score: f32,
+        take_probe: bool,
+    ) -> Option<RoutedAgent> {
+        let (agent, version_at) = self.resolve(tenant, request, e)?;
+        if take_probe && !self.health.try_admit(&agent.health) {
+            return None;
         }
+        Some(RoutedAgent {
+            id: agent.id,
+            name: agent.name.clone(),
+            endpoint: agent.endpoint.clone(),
+            score,
+            health: e.health as f32,
+            weight: e.weight as f32,
+            version: agent.capabilities[version_at].1.to_string(),
+        })
     }
 
     /// The best `count` by score (ties broken by the built-in measure).
-    fn pick_ranked(&self, eligible: &[Eligible], scores: &[f32], count: usize, take_probe: bool) -> Vec<RoutedAgent> {
+    fn pick_ranked(
+        &self,
+        tenant: &TenantId,
+        request: &RouteRequest,
+        eligible: &[Eligible],
+        scores: &[f32],
+        count: usize,
+        take_probe: bool,
+    ) -> Vec<RoutedAgent> {
         let mut order: Vec<usize> = (0..eligible.len()).collect();
         let better = |a: &usize, b: &usize| {
             scores[*b]
@@ -492,17 +542,20 @@ impl RoutingService {
             if chosen.len() == count {
                 break;
             }
-            let e = &eligible[i];
-            if take_probe && !self.health.try_admit(&e.agent.health) {
-                continue;
-            }
-            chosen.push(Self::routed(e, scores[i]));
+            chosen.extend(self.choose(tenant, request, &eligible[i], scores[i], take_probe));
         }
         chosen
     }
 
     /// The built-in power of two choices, `count` times without replacement.
-    fn pick_p2c(&self, mut eligible: Vec<Eligible>, count: usize, take_probe: bool) -> Vec<RoutedAgent> {
+    fn pick_p2c(
+        &self,
+        tenant: &TenantId,
+        request: &RouteRequest,
+        mut eligible: Vec<Eligible>,
+        count: usize,
+        take_probe: bool,
+    ) -> Vec<RoutedAgent> {
         let mut rng = rand::rng();
         let mut chosen = Vec::with_capacity(count);
         while chosen.len() < count && !eligible.is_empty() {
@@ -517,14 +570,26 @@ impl RoutingService {
                 if eligible[a].p2c_score() >= eligible[b].p2c_score() { a } else { b }
             };
             let e = eligible.swap_remove(winner);
-            if take_probe && !self.health.try_admit(&e.agent.health) {
-                continue;
-            }
             let score = e.p2c_score() as f32;
-            chosen.push(Self::routed(&e, score));
+            chosen.extend(self.choose(tenant, request, &e, score, take_probe));
         }
         chosen
     }
+}
+
+/// Where in `agent.capabilities` the highest version of `requirement.name` that
+/// `requirement.version` accepts is (as [`IndexedAgent::best_version`], without a copy).
+fn best_version_at(agent: &IndexedAgent, requirement: &CapabilityRequirement) -> Option<usize> {
+    let mut best: Option<usize> = None;
+    for (at, (name, version)) in agent.capabilities.iter().enumerate() {
+        if *name == requirement.name
+            && requirement.version.matches(version)
+            && best.is_none_or(|b| *version > agent.capabilities[b].1)
+        {
+            best = Some(at);
+        }
+    }
+    best
 }
 
 #[async_trait]

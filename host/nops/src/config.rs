@@ -312,6 +312,7 @@ pub struct FileHealth {
     pub qps_floor: Option<f64>,
     pub utilization_floor: Option<f64>,
     pub metrics_agents_max: Option<usize>,
+    pub snapshot_refresh_ms: Option<u64>,
 }
 
 /// The `[routing.breaker]` subtable.
@@ -357,6 +358,7 @@ fn resolve_routing(args: &ServeArgs, file: &FileRouting, stale_after_ms: i64) ->
         qps_floor: fh.qps_floor.unwrap_or(h.qps_floor),
         utilization_floor: fh.utilization_floor.unwrap_or(h.utilization_floor),
         metrics_agents_max: fh.metrics_agents_max.unwrap_or(h.metrics_agents_max),
+        snapshot_refresh_ms: fh.snapshot_refresh_ms.unwrap_or(h.snapshot_refresh_ms),
         breaker: nops_core::health::BreakerConfig {
             consecutive_failures_max: fb.consecutive_failures_max.unwrap_or(h.breaker.consecutive_failures_max),
             failure_ratio_max: fb.failure_ratio_max.unwrap_or(h.breaker.failure_ratio_max),
@@ -387,6 +389,7 @@ fn file_routing(settings: &RoutingSettings) -> FileRouting {
             qps_floor: Some(h.qps_floor),
             utilization_floor: Some(h.utilization_floor),
             metrics_agents_max: Some(h.metrics_agents_max),
+            snapshot_refresh_ms: Some(h.snapshot_refresh_ms),
         },
         breaker: FileBreaker {
             consecutive_failures_max: Some(b.consecutive_failures_max),
