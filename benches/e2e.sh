@@ -8,7 +8,9 @@
 #
 # Environment: E2E_AGENTS (default 1000), E2E_RATES (default "250 500 1000"), E2E_SECONDS
 # (default 20), E2E_DATABASE_URL (default: a fresh SQLite file; a postgres:// URL runs the
-# kernel on PostgreSQL; the database should be empty).
+# kernel on PostgreSQL; the database should be empty), E2E_PROFILE_DIR (when set: during each
+# rate's kernel run, `perf record` of the kernel for 8 s and `top` of all three processes go
+# there, as perf-<rate>.data and top-<rate>.txt).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -30,7 +32,8 @@ if [[ -n "${E2E_DATABASE_URL:-}" ]]; then env_db=(NOPS_DATABASE_URL="$E2E_DATABA
 # default per-tenant budget of 1,000/s: rate limits are off so the figure is dispatch's own.
 env "${env_db[@]}" NOPS_RATE_LIMITS_ENABLED=false NOPS_LOG=warn NOPS_DATA_DIR="$work/kernel" NOPS_LISTEN="127.0.0.1:$port" \
     "$bin/nops" serve >"$work/kernel.out" 2>"$work/kernel.err" &
-pids+=($!)
+kernel_pid=$!
+pids+=("$kernel_pid")
 for _ in $(seq 300); do
     curl -sf "http://127.0.0.1:$port/ready" >/dev/null 2>&1 && break
     sleep 0.1
@@ -51,8 +54,19 @@ for rate in $rates; do
     run=$((run + 1))
     base=$("$bin/fleet" --kernel "http://127.0.0.1:$port" --key "$key" --agents 1 --rate "$rate" \
         --seconds "$seconds" --baseline --run "base$run")
+    if [[ -n "${E2E_PROFILE_DIR:-}" ]]; then
+        mkdir -p "$E2E_PROFILE_DIR"
+        # Past registration and warm-up: the measured load only.
+        (sleep 6
+         top -b -n 3 -d 2 -w 200 >"$E2E_PROFILE_DIR/top-$rate.txt" &
+         perf record -q -F 499 -g -p "$kernel_pid" -o "$E2E_PROFILE_DIR/perf-$rate.data" -- sleep 8 \
+             >/dev/null 2>&1 || true
+         wait) &
+        profiler=$!
+    fi
     kern=$("$bin/fleet" --kernel "http://127.0.0.1:$port" --key "$key" --agents "$agents" --rate "$rate" \
         --seconds "$seconds" --run "fleet$run")
+    if [[ -n "${E2E_PROFILE_DIR:-}" ]]; then wait "$profiler" || true; fi
     for row in "$base" "$kern"; do
         python3 - "$rate" "$row" <<'EOF'
 import json, sys

@@ -351,7 +351,7 @@ async fn run_task(
             Err(_) => return "submit_transport_error".into(),
         };
     if !submitted.status().is_success() {
-        return format!("submit_http_{}", submitted.status().as_u16());
+        return refused("submit", submitted).await;
     }
     let Ok(task) = submitted.json::<Value>().await else { return "submit_bad_json".into() };
     let Some(id) = task["id"].as_str().map(str::to_string) else { return "submit_no_id".into() };
@@ -370,7 +370,7 @@ async fn run_task(
             Err(_) => return "wait_transport_error".into(),
         };
         if !response.status().is_success() {
-            return format!("wait_http_{}", response.status().as_u16());
+            return refused("wait", response).await;
         }
         let Ok(view) = response.json::<Value>().await else { return "wait_bad_json".into() };
         if let Some(status) = final_status(&view) {
@@ -378,6 +378,16 @@ async fn run_task(
         }
     }
     "never_finished".into()
+}
+
+/// `<step>_http_<status>_<code>`: which refusal answered (the `code` of the error envelope).
+async fn refused(step: &str, response: reqwest::Response) -> String {
+    let status = response.status().as_u16();
+    let body: Value = response.json().await.unwrap_or(Value::Null);
+    match body["error"]["code"].as_str() {
+        Some(code) => format!("{step}_http_{status}_{code}"),
+        None => format!("{step}_http_{status}"),
+    }
 }
 
 fn final_status(task: &Value) -> Option<String> {

@@ -134,6 +134,8 @@ macro_rules! with_pool {
 pub struct SqlStore {
     pools: Pools,
     pool_connections_max: u32,
+    /// The group committer of task writes (SQLite), shared by every clone.
+    task_writes: std::sync::Arc<tasks::TaskWriteQueue>,
 }
 
 impl std::fmt::Debug for SqlStore {
@@ -190,8 +192,14 @@ impl SqlStore {
             }
             let connect = |max: u32| {
                 let options = options.clone();
+                // No ping before each acquire: a connection to a local file does not go stale,
+                // and the ping is one more round trip to the connection's thread per statement.
                 move || {
-                    SqlitePoolOptions::new().max_connections(max).acquire_timeout(acquire).connect_with(options.clone())
+                    SqlitePoolOptions::new()
+                        .max_connections(max)
+                        .acquire_timeout(acquire)
+                        .test_before_acquire(false)
+                        .connect_with(options.clone())
                 }
             };
             let write = connect(1).retry(backoff).notify(notify).await.map_err(unreachable)?;
@@ -220,7 +228,11 @@ impl SqlStore {
             drop(migration_lock);
             let readers = config.pool_connections_max.clamp(1, SQLITE_READERS_MAX);
             let read = connect(readers).retry(backoff).notify(notify).await.map_err(unreachable)?;
-            Self { pools: Pools::Sqlite { write, read }, pool_connections_max: readers + 1 }
+            Self {
+                pools: Pools::Sqlite { write, read },
+                pool_connections_max: readers + 1,
+                task_writes: std::sync::Arc::default(),
+            }
         } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
             let options = PgConnectOptions::from_str(url)
                 .map_err(|source| OpenError::InvalidUrl { url: shown.clone(), source })?
@@ -240,7 +252,11 @@ impl SqlStore {
                 .run(&pool)
                 .await
                 .map_err(|source| OpenError::Migrate { url: shown.clone(), source })?;
-            Self { pools: Pools::Postgres(pool), pool_connections_max: config.pool_connections_max.max(1) }
+            Self {
+                pools: Pools::Postgres(pool),
+                pool_connections_max: config.pool_connections_max.max(1),
+                task_writes: std::sync::Arc::default(),
+            }
         } else {
             return Err(OpenError::UnsupportedUrl(shown));
         };

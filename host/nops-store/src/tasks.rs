@@ -7,21 +7,33 @@
 //! attempt or an orphaned task updates it only while it is still free. On PostgreSQL the
 //! losing statement waits for the winner's row lock and then matches nothing; on SQLite the
 //! single writer serialises them.
+//!
+//! On SQLite the writes of the dispatch path (a task's insert, an attempt's start and end, a
+//! task's failure) go through one group committer: each is applied in the order queued, in
+//! one transaction with every other write queued meanwhile, and its caller is answered after
+//! that transaction commits. A write is as durable when its caller hears back as it was in a
+//! transaction of its own; only the number of commits drops with the load.
 
 use async_trait::async_trait;
 use nops_core::agent::AgentId;
 use nops_core::dispatch::{
-    AttemptRecord, AttemptReport, PulledAttempt, Reported, StartVerdict, TaskRecord, TaskStatus, Verdict,
+    AttemptRecord, AttemptReport, DeliveryMode, PulledAttempt, Reported, StartVerdict, TaskRecord, TaskStatus, Verdict,
 };
 use nops_core::routing::RouteRequest;
 use nops_core::store::{StoreError, TaskStore};
 use nops_core::tenant::TenantId;
+use sqlx::SqlitePool;
+use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
-use crate::{Pools, SqlStore, parse_tenant};
+use crate::{Pools, SqlStore, is_transient, parse_tenant, retry_transient, store_error};
 
 /// Attempts to claim a pull attempt when other pollers take the candidates first.
 const PULL_CLAIM_TRIES_MAX: usize = 4;
+/// Task writes waiting for the SQLite group committer at once; further writers wait for room.
+const TASK_WRITE_QUEUE_MAX: usize = 4_096;
+/// Most task writes one group commit applies (the rest open the next group).
+const GROUP_COMMIT_WRITES_MAX: usize = 256;
 
 const TASK_COLUMNS: &str = "id, tenant, status, request, input, attempt_timeout_ms, attempts_max, deadline_at_ms, \
      attempt, output, error, created_at_ms, updated_at_ms, finished_at_ms, owner, lease_until_ms";
@@ -138,48 +150,417 @@ struct FinishState {
     attempt_finished: Option<i64>,
     answered: bool,
     task_status: String,
-    task_attempt: i64,
+}
+
+/// A new `tasks` row, its values ready to bind.
+struct NewTaskRow {
+    id: Uuid,
+    tenant: String,
+    status: &'static str,
+    request: String,
+    input: String,
+    attempt_timeout_ms: i64,
+    attempts_max: i64,
+    deadline_at_ms: i64,
+    attempt: i64,
+    created_at_ms: i64,
+    owner: Option<String>,
+    lease_until_ms: i64,
+    active_max: i64,
+}
+
+/// An attempt to start, with the claim it needs.
+struct StartRow {
+    attempt: AttemptRecord,
+    owner: String,
+    lease_until_ms: i64,
+    queue_depth_max: i64,
+}
+
+/// An attempt's end, its output serialized.
+struct FinishRow {
+    report: AttemptReport,
+    outcome: &'static str,
+    output: Option<String>,
+}
+
+/// One write of the dispatch path. Each is a conditional change whose row counts give its
+/// verdict, and each writes nothing it does not keep, so several commit as one transaction.
+enum TaskWrite {
+    Insert(Box<NewTaskRow>),
+    Start(Box<StartRow>),
+    Finish(Box<FinishRow>),
+    Fail { id: Uuid, owner: String, error: String, at_ms: i64 },
+}
+
+/// What a [`TaskWrite`] did.
+enum TaskWritten {
+    /// `false`: the tenant is at its limit of unfinished tasks.
+    Inserted(bool),
+    Started(StartVerdict),
+    Finished(Verdict),
+    /// `false`: the task was not this kernel's or had finished.
+    Failed(bool),
+}
+
+/// A task write waiting for its group commit.
+struct TaskJob {
+    what: &'static str,
+    write: TaskWrite,
+    answer: oneshot::Sender<Result<TaskWritten, StoreError>>,
+}
+
+/// The queue to the SQLite group committer of task writes, shared by every clone of the store
+/// (`None` until the first write). SQLite has one writer: rather than each write taking the
+/// write connection for a transaction of its own, the committer applies every write queued
+/// meanwhile in one transaction, so under load one commit serves many tasks, and an idle
+/// kernel commits each write at once (nothing waits for a timer).
+#[derive(Default)]
+pub(crate) struct TaskWriteQueue(std::sync::Mutex<Option<mpsc::Sender<TaskJob>>>);
+
+impl TaskWriteQueue {
+    /// The queue, starting the committer when there is none or it stopped (its runtime shut
+    /// down).
+    fn sender(&self, pool: &SqlitePool) -> mpsc::Sender<TaskJob> {
+        let mut slot = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(queue) = slot.as_ref().filter(|q| !q.is_closed()) {
+            return queue.clone();
+        }
+        let (queue, jobs) = mpsc::channel(TASK_WRITE_QUEUE_MAX);
+        tokio::spawn(serve_task_writes(pool.clone(), jobs));
+        *slot = Some(queue.clone());
+        queue
+    }
+}
+
+/// A write answered with another write's verdict: a bug, reported rather than unwrapped.
+fn mismatched(what: &str) -> StoreError {
+    StoreError::Corrupt(format!("{what}: the store answered another kind of write"))
+}
+
+/// Applies one [`TaskWrite`] inside the open transaction `$conn` (`&mut` a SQLite or
+/// PostgreSQL connection). Compiled once per backend, like `with_pool!`, so both run the same
+/// SQL.
+macro_rules! apply_task_write {
+    ($conn:expr, $write:expr) => {
+        async {
+            let conn = $conn;
+            let written = match $write {
+                TaskWrite::Insert(t) => {
+                    let inserted = sqlx::query(
+                        "INSERT INTO tasks (id, tenant, status, request, input, attempt_timeout_ms, attempts_max, \
+                         deadline_at_ms, attempt, created_at_ms, updated_at_ms, owner, lease_until_ms) \
+                         SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $10, $11, $12 \
+                         WHERE (SELECT COUNT(*) FROM tasks WHERE tenant = $2 AND status IN ('queued', 'running')) \
+                         < $13",
+                    )
+                    .bind(t.id)
+                    .bind(t.tenant.as_str())
+                    .bind(t.status)
+                    .bind(t.request.as_str())
+                    .bind(t.input.as_str())
+                    .bind(t.attempt_timeout_ms)
+                    .bind(t.attempts_max)
+                    .bind(t.deadline_at_ms)
+                    .bind(t.attempt)
+                    .bind(t.created_at_ms)
+                    .bind(t.owner.as_deref())
+                    .bind(t.lease_until_ms)
+                    .bind(t.active_max)
+                    .execute(&mut *conn)
+                    .await?
+                    .rows_affected();
+                    TaskWritten::Inserted(inserted == 1)
+                }
+                TaskWrite::Start(s) => {
+                    let a = &s.attempt;
+                    let queued = a.mode == DeliveryMode::Pull && a.delivered_at_ms.is_none();
+                    let full = if queued {
+                        let depth: i64 = sqlx::query_scalar(
+                            "SELECT COUNT(*) FROM task_attempts \
+                             WHERE agent_id = $1 AND delivered_at_ms IS NULL AND finished_at_ms IS NULL",
+                        )
+                        .bind(a.agent.0)
+                        .fetch_one(&mut *conn)
+                        .await?;
+                        depth >= s.queue_depth_max
+                    } else {
+                        false
+                    };
+                    if full {
+                        // Nothing is written; the verdict says whether the task is still ours.
+                        let ours: Option<i64> = sqlx::query_scalar(
+                            "SELECT attempt FROM tasks WHERE id = $1 AND owner = $2 AND attempt < $3 \
+                             AND status IN ('queued', 'running')",
+                        )
+                        .bind(a.task_id)
+                        .bind(s.owner.as_str())
+                        .bind(i64::from(a.attempt))
+                        .fetch_optional(&mut *conn)
+                        .await?;
+                        TaskWritten::Started(if ours.is_some() { StartVerdict::QueueFull } else { StartVerdict::Lost })
+                    } else {
+                        // Taking the task row first also serialises concurrent starts on PostgreSQL.
+                        let moved = sqlx::query(
+                            "UPDATE tasks SET status = 'running', attempt = $1, updated_at_ms = $2, \
+                             lease_until_ms = $3 \
+                             WHERE id = $4 AND owner = $5 AND attempt < $1 AND status IN ('queued', 'running')",
+                        )
+                        .bind(i64::from(a.attempt))
+                        .bind(a.started_at_ms)
+                        .bind(s.lease_until_ms)
+                        .bind(a.task_id)
+                        .bind(s.owner.as_str())
+                        .execute(&mut *conn)
+                        .await?
+                        .rows_affected();
+                        if moved == 1 {
+                            sqlx::query(
+                                "INSERT INTO task_attempts (task_id, attempt, tenant, agent_id, mode, started_at_ms, \
+                                 timeout_at_ms, delivered_at_ms, finished_at_ms, outcome, answered, error, late) \
+                                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, NULL, NULL, $9, NULL, $9)",
+                            )
+                            .bind(a.task_id)
+                            .bind(i64::from(a.attempt))
+                            .bind(a.tenant.as_str())
+                            .bind(a.agent.0)
+                            .bind(a.mode.as_str())
+                            .bind(a.started_at_ms)
+                            .bind(a.timeout_at_ms)
+                            .bind(a.delivered_at_ms)
+                            .bind(false)
+                            .execute(&mut *conn)
+                            .await?;
+                            TaskWritten::Started(StartVerdict::Started)
+                        } else {
+                            TaskWritten::Started(StartVerdict::Lost)
+                        }
+                    }
+                }
+                TaskWrite::Finish(f) => {
+                    let r = &f.report;
+                    let error = match &r.result {
+                        Reported::Output(_) => None,
+                        Reported::Error(message) | Reported::TimedOut(message) => Some(message.as_str()),
+                    };
+                    let attempt = i64::from(r.attempt);
+                    let done = sqlx::query(
+                        "UPDATE task_attempts SET finished_at_ms = $1, outcome = $2, answered = $3, error = $4 \
+                         WHERE task_id = $5 AND attempt = $6 AND agent_id = $7 AND tenant = $8 \
+                         AND finished_at_ms IS NULL \
+                         AND EXISTS (SELECT 1 FROM tasks t WHERE t.id = $5 AND t.attempt = $6 \
+                                     AND t.status IN ('queued', 'running'))",
+                    )
+                    .bind(r.at_ms)
+                    .bind(f.outcome)
+                    .bind(r.answered)
+                    .bind(error)
+                    .bind(r.task_id)
+                    .bind(attempt)
+                    .bind(r.agent.0)
+                    .bind(r.tenant.as_str())
+                    .execute(&mut *conn)
+                    .await?
+                    .rows_affected();
+                    if done == 1 {
+                        if let Some(output) = &f.output {
+                            sqlx::query(
+                                "UPDATE tasks SET status = 'succeeded', output = $1, error = NULL, \
+                                 finished_at_ms = $2, updated_at_ms = $2, owner = NULL WHERE id = $3",
+                            )
+                            .bind(output.as_str())
+                            .bind(r.at_ms)
+                            .bind(r.task_id)
+                            .execute(&mut *conn)
+                            .await?;
+                        } else {
+                            sqlx::query("UPDATE tasks SET updated_at_ms = $1 WHERE id = $2")
+                                .bind(r.at_ms)
+                                .bind(r.task_id)
+                                .execute(&mut *conn)
+                                .await?;
+                        }
+                        TaskWritten::Finished(Verdict::Accepted)
+                    } else {
+                        let state: Option<FinishState> = sqlx::query_as(
+                            "SELECT a.finished_at_ms AS attempt_finished, a.answered, t.status AS task_status \
+                             FROM task_attempts a JOIN tasks t ON t.id = a.task_id \
+                             WHERE a.task_id = $1 AND a.attempt = $2 AND a.agent_id = $3 AND a.tenant = $4",
+                        )
+                        .bind(r.task_id)
+                        .bind(attempt)
+                        .bind(r.agent.0)
+                        .bind(r.tenant.as_str())
+                        .fetch_optional(&mut *conn)
+                        .await?;
+                        let verdict = match state {
+                            None => Verdict::NotFound,
+                            Some(state) if state.attempt_finished.is_some() && state.answered => Verdict::Duplicate,
+                            Some(state) if matches!(state.task_status.as_str(), "succeeded" | "failed") => {
+                                Verdict::TaskFinished
+                            }
+                            Some(_) => Verdict::Superseded,
+                        };
+                        if r.answered && matches!(verdict, Verdict::TaskFinished | Verdict::Superseded) {
+                            sqlx::query("UPDATE task_attempts SET late = $1 WHERE task_id = $2 AND attempt = $3")
+                                .bind(true)
+                                .bind(r.task_id)
+                                .bind(attempt)
+                                .execute(&mut *conn)
+                                .await?;
+                        }
+                        TaskWritten::Finished(verdict)
+                    }
+                }
+                TaskWrite::Fail { id, owner, error, at_ms } => {
+                    let failed = sqlx::query(
+                        "UPDATE tasks SET status = 'failed', error = $1, finished_at_ms = $2, updated_at_ms = $2, \
+                         owner = NULL WHERE id = $3 AND owner = $4 AND status IN ('queued', 'running')",
+                    )
+                    .bind(error.as_str())
+                    .bind(*at_ms)
+                    .bind(*id)
+                    .bind(owner.as_str())
+                    .execute(&mut *conn)
+                    .await?
+                    .rows_affected();
+                    if failed == 1 {
+                        // An attempt still open (say, queued for a pull agent) ends with the task.
+                        sqlx::query(
+                            "UPDATE task_attempts SET finished_at_ms = $1, outcome = 'timeout', error = $2 \
+                             WHERE task_id = $3 AND finished_at_ms IS NULL",
+                        )
+                        .bind(*at_ms)
+                        .bind("the task ended")
+                        .bind(*id)
+                        .execute(&mut *conn)
+                        .await?;
+                    }
+                    TaskWritten::Failed(failed == 1)
+                }
+            };
+            Ok::<TaskWritten, sqlx::Error>(written)
+        }
+    };
+}
+
+impl SqlStore {
+    /// Applies `write`: on SQLite through the group committer, on PostgreSQL (many writers) in
+    /// a transaction of its own.
+    async fn write_task(&self, what: &'static str, write: TaskWrite) -> Result<TaskWritten, StoreError> {
+        match &self.pools {
+            Pools::Sqlite { write: pool, .. } => {
+                let stopped = || StoreError::Backend(format!("{what}: the task writer stopped"));
+                let (answer, answered) = oneshot::channel();
+                let job = TaskJob { what, write, answer };
+                self.task_writes.sender(pool).send(job).await.map_err(|_| stopped())?;
+                answered.await.map_err(|_| stopped())?
+            }
+            Pools::Postgres(pool) => {
+                self.retrying(what, || async {
+                    let mut tx = pool.begin().await?;
+                    let written = apply_task_write!(&mut *tx, &write).await?;
+                    tx.commit().await?;
+                    Ok(written)
+                })
+                .await
+            }
+        }
+    }
+}
+
+/// Commits the queued task writes, group by group, until every sender is gone.
+async fn serve_task_writes(pool: SqlitePool, mut jobs: mpsc::Receiver<TaskJob>) {
+    while let Some(first) = jobs.recv().await {
+        let mut group = vec![first];
+        // Everything already waiting, without waiting for more.
+        while group.len() < GROUP_COMMIT_WRITES_MAX {
+            match jobs.try_recv() {
+                Ok(job) => group.push(job),
+                Err(_) => break,
+            }
+        }
+        commit_task_writes(&pool, group).await;
+    }
+}
+
+/// Applies `group` in one transaction and answers each writer with its own verdict. When a
+/// write fails for itself (not the database), the group is rolled back and each write is
+/// applied alone, so that one write's error is never another's.
+async fn commit_task_writes(pool: &SqlitePool, group: Vec<TaskJob>) {
+    // A writer that gave up before its commit started is not written for.
+    let group: Vec<TaskJob> = group.into_iter().filter(|job| !job.answer.is_closed()).collect();
+    if group.is_empty() {
+        return;
+    }
+    let together = retry_transient("task_writes", || async {
+        let mut tx = pool.begin().await?;
+        let mut written = Vec::with_capacity(group.len());
+        for job in &group {
+            written.push(apply_task_write!(&mut *tx, &job.write).await?);
+        }
+        tx.commit().await?;
+        Ok(written)
+    })
+    .await;
+    match together {
+        Ok(written) => {
+            for (job, written) in group.into_iter().zip(written) {
+                let _ = job.answer.send(Ok(written));
+            }
+        }
+        Err(err) if group.len() == 1 => {
+            if let Some(job) = group.into_iter().next() {
+                let _ = job.answer.send(Err(store_error(job.what, err)));
+            }
+        }
+        Err(err) if is_transient(&err) => {
+            // The database failed, not a write: every writer gets the error.
+            let detail = err.to_string();
+            for job in group {
+                let _ = job.answer.send(Err(StoreError::Backend(format!("{}: {detail}", job.what))));
+            }
+        }
+        Err(_) => {
+            for job in group {
+                let written = retry_transient(job.what, || async {
+                    let mut tx = pool.begin().await?;
+                    let written = apply_task_write!(&mut *tx, &job.write).await?;
+                    tx.commit().await?;
+                    Ok(written)
+                })
+                .await
+                .map_err(|err| store_error(job.what, err));
+                let _ = job.answer.send(written);
+            }
+        }
+    }
 }
 
 #[async_trait]
 impl TaskStore for SqlStore {
     async fn insert_task(&self, task: &TaskRecord, active_max: u32) -> Result<(), StoreError> {
-        let request = serde_json::to_string(&task.request).map_err(|e| corrupt("task request", e))?;
-        let input = serde_json::to_string(&task.input).map_err(|e| corrupt("task input", e))?;
-        let timeout = i64::try_from(task.attempt_timeout_ms).unwrap_or(i64::MAX);
-        let sql = String::from(
-            "INSERT INTO tasks (id, tenant, status, request, input, attempt_timeout_ms, attempts_max, \
-             deadline_at_ms, attempt, created_at_ms, updated_at_ms, owner, lease_until_ms) \
-             SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $10, $11, $12 \
-             WHERE (SELECT COUNT(*) FROM tasks WHERE tenant = $2 AND status IN ('queued', 'running')) < $13",
-        );
-        let inserted = self
-            .retrying("insert_task", || async {
-                with_pool!(self, write, |pool| {
-                    sqlx::query(&sql)
-                        .bind(task.id)
-                        .bind(task.tenant.as_str())
-                        .bind(task.status.as_str())
-                        .bind(&request)
-                        .bind(&input)
-                        .bind(timeout)
-                        .bind(i64::from(task.attempts_max))
-                        .bind(task.deadline_at_ms)
-                        .bind(i64::from(task.attempt))
-                        .bind(task.created_at_ms)
-                        .bind(task.owner.as_deref())
-                        .bind(task.lease_until_ms)
-                        .bind(i64::from(active_max))
-                        .execute(pool)
-                        .await
-                        .map(|done| done.rows_affected())
-                })
-            })
-            .await?;
-        if inserted == 1 {
-            Ok(())
-        } else {
-            Err(StoreError::LimitExceeded(format!("the tenant already has {active_max} unfinished tasks")))
+        let write = TaskWrite::Insert(Box::new(NewTaskRow {
+            id: task.id,
+            tenant: task.tenant.as_str().to_string(),
+            status: task.status.as_str(),
+            request: serde_json::to_string(&task.request).map_err(|e| corrupt("task request", e))?,
+            input: serde_json::to_string(&task.input).map_err(|e| corrupt("task input", e))?,
+            attempt_timeout_ms: i64::try_from(task.attempt_timeout_ms).unwrap_or(i64::MAX),
+            attempts_max: i64::from(task.attempts_max),
+            deadline_at_ms: task.deadline_at_ms,
+            attempt: i64::from(task.attempt),
+            created_at_ms: task.created_at_ms,
+            owner: task.owner.clone(),
+            lease_until_ms: task.lease_until_ms,
+            active_max: i64::from(active_max),
+        }));
+        match self.write_task("insert_task", write).await? {
+            TaskWritten::Inserted(true) => Ok(()),
+            TaskWritten::Inserted(false) => {
+                Err(StoreError::LimitExceeded(format!("the tenant already has {active_max} unfinished tasks")))
+            }
+            _ => Err(mismatched("insert_task")),
         }
     }
 
@@ -249,182 +630,39 @@ impl TaskStore for SqlStore {
         lease_until_ms: i64,
         queue_depth_max: u32,
     ) -> Result<StartVerdict, StoreError> {
-        let queued = a.mode == nops_core::dispatch::DeliveryMode::Pull && a.delivered_at_ms.is_none();
-        let sql = format!(
-            "INSERT INTO task_attempts ({ATTEMPT_COLUMNS}) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, NULL, NULL, $9, NULL, $9)"
-        );
-        self.retrying("start_attempt", || async {
-            with_pool!(self, write, |pool| {
-                let mut tx = pool.begin().await?;
-                // Taking the task row first also serialises concurrent starts on PostgreSQL.
-                let moved = sqlx::query(
-                    "UPDATE tasks SET status = 'running', attempt = $1, updated_at_ms = $2, lease_until_ms = $3 \
-                     WHERE id = $4 AND owner = $5 AND attempt < $1 AND status IN ('queued', 'running')",
-                )
-                .bind(i64::from(a.attempt))
-                .bind(a.started_at_ms)
-                .bind(lease_until_ms)
-                .bind(a.task_id)
-                .bind(owner)
-                .execute(&mut *tx)
-                .await?
-                .rows_affected();
-                if moved != 1 {
-                    return Ok(StartVerdict::Lost);
-                }
-                if queued {
-                    let depth: i64 = sqlx::query_scalar(
-                        "SELECT COUNT(*) FROM task_attempts \
-                         WHERE agent_id = $1 AND delivered_at_ms IS NULL AND finished_at_ms IS NULL",
-                    )
-                    .bind(a.agent.0)
-                    .fetch_one(&mut *tx)
-                    .await?;
-                    if depth >= i64::from(queue_depth_max) {
-                        return Ok(StartVerdict::QueueFull);
-                    }
-                }
-                sqlx::query(&sql)
-                    .bind(a.task_id)
-                    .bind(i64::from(a.attempt))
-                    .bind(a.tenant.as_str())
-                    .bind(a.agent.0)
-                    .bind(a.mode.as_str())
-                    .bind(a.started_at_ms)
-                    .bind(a.timeout_at_ms)
-                    .bind(a.delivered_at_ms)
-                    .bind(false)
-                    .execute(&mut *tx)
-                    .await?;
-                tx.commit().await?;
-                Ok(StartVerdict::Started)
-            })
-        })
-        .await
+        let write = TaskWrite::Start(Box::new(StartRow {
+            attempt: a.clone(),
+            owner: owner.to_string(),
+            lease_until_ms,
+            queue_depth_max: i64::from(queue_depth_max),
+        }));
+        match self.write_task("start_attempt", write).await? {
+            TaskWritten::Started(verdict) => Ok(verdict),
+            _ => Err(mismatched("start_attempt")),
+        }
     }
 
     async fn finish_attempt(&self, r: &AttemptReport) -> Result<Verdict, StoreError> {
-        let (outcome, output, error) = match &r.result {
+        let (outcome, output) = match &r.result {
             Reported::Output(value) => {
-                ("success", Some(serde_json::to_string(value).map_err(|e| corrupt("task output", e))?), None)
+                ("success", Some(serde_json::to_string(value).map_err(|e| corrupt("task output", e))?))
             }
-            Reported::Error(message) => ("failure", None, Some(message.as_str())),
-            Reported::TimedOut(message) => ("timeout", None, Some(message.as_str())),
+            Reported::Error(_) => ("failure", None),
+            Reported::TimedOut(_) => ("timeout", None),
         };
-        let attempt = i64::from(r.attempt);
-        self.retrying("finish_attempt", || async {
-            with_pool!(self, write, |pool| {
-                let mut tx = pool.begin().await?;
-                let done = sqlx::query(
-                    "UPDATE task_attempts SET finished_at_ms = $1, outcome = $2, answered = $3, error = $4 \
-                     WHERE task_id = $5 AND attempt = $6 AND agent_id = $7 AND tenant = $8 \
-                     AND finished_at_ms IS NULL \
-                     AND EXISTS (SELECT 1 FROM tasks t WHERE t.id = $5 AND t.attempt = $6 \
-                                 AND t.status IN ('queued', 'running'))",
-                )
-                .bind(r.at_ms)
-                .bind(outcome)
-                .bind(r.answered)
-                .bind(error)
-                .bind(r.task_id)
-                .bind(attempt)
-                .bind(r.agent.0)
-                .bind(r.tenant.as_str())
-                .execute(&mut *tx)
-                .await?
-                .rows_affected();
-                if done == 1 {
-                    if let Some(output) = &output {
-                        sqlx::query(
-                            "UPDATE tasks SET status = 'succeeded', output = $1, error = NULL, finished_at_ms = $2, \
-                             updated_at_ms = $2, owner = NULL WHERE id = $3",
-                        )
-                        .bind(output)
-                        .bind(r.at_ms)
-                        .bind(r.task_id)
-                        .execute(&mut *tx)
-                        .await?;
-                    } else {
-                        sqlx::query("UPDATE tasks SET updated_at_ms = $1 WHERE id = $2")
-                            .bind(r.at_ms)
-                            .bind(r.task_id)
-                            .execute(&mut *tx)
-                            .await?;
-                    }
-                    tx.commit().await?;
-                    return Ok(Verdict::Accepted);
-                }
-                let state: Option<FinishState> = sqlx::query_as(
-                    "SELECT a.finished_at_ms AS attempt_finished, a.answered, t.status AS task_status, \
-                     t.attempt AS task_attempt \
-                     FROM task_attempts a JOIN tasks t ON t.id = a.task_id \
-                     WHERE a.task_id = $1 AND a.attempt = $2 AND a.agent_id = $3 AND a.tenant = $4",
-                )
-                .bind(r.task_id)
-                .bind(attempt)
-                .bind(r.agent.0)
-                .bind(r.tenant.as_str())
-                .fetch_optional(&mut *tx)
-                .await?;
-                let Some(state) = state else {
-                    return Ok(Verdict::NotFound);
-                };
-                let verdict = if state.attempt_finished.is_some() && state.answered {
-                    Verdict::Duplicate
-                } else if matches!(state.task_status.as_str(), "succeeded" | "failed") {
-                    Verdict::TaskFinished
-                } else {
-                    let _ = state.task_attempt;
-                    Verdict::Superseded
-                };
-                if r.answered && matches!(verdict, Verdict::TaskFinished | Verdict::Superseded) {
-                    sqlx::query("UPDATE task_attempts SET late = $1 WHERE task_id = $2 AND attempt = $3")
-                        .bind(true)
-                        .bind(r.task_id)
-                        .bind(attempt)
-                        .execute(&mut *tx)
-                        .await?;
-                    tx.commit().await?;
-                }
-                Ok(verdict)
-            })
-        })
-        .await
+        let write = TaskWrite::Finish(Box::new(FinishRow { report: r.clone(), outcome, output }));
+        match self.write_task("finish_attempt", write).await? {
+            TaskWritten::Finished(verdict) => Ok(verdict),
+            _ => Err(mismatched("finish_attempt")),
+        }
     }
 
     async fn fail_task(&self, id: Uuid, owner: &str, error: &str, at_ms: i64) -> Result<bool, StoreError> {
-        self.retrying("fail_task", || async {
-            with_pool!(self, write, |pool| {
-                let mut tx = pool.begin().await?;
-                let failed = sqlx::query(
-                    "UPDATE tasks SET status = 'failed', error = $1, finished_at_ms = $2, updated_at_ms = $2, \
-                     owner = NULL WHERE id = $3 AND owner = $4 AND status IN ('queued', 'running')",
-                )
-                .bind(error)
-                .bind(at_ms)
-                .bind(id)
-                .bind(owner)
-                .execute(&mut *tx)
-                .await?
-                .rows_affected();
-                if failed == 1 {
-                    // An attempt still open (say, queued for a pull agent) ends with the task.
-                    sqlx::query(
-                        "UPDATE task_attempts SET finished_at_ms = $1, outcome = 'timeout', error = $2 \
-                         WHERE task_id = $3 AND finished_at_ms IS NULL",
-                    )
-                    .bind(at_ms)
-                    .bind("the task ended")
-                    .bind(id)
-                    .execute(&mut *tx)
-                    .await?;
-                }
-                tx.commit().await?;
-                Ok(failed == 1)
-            })
-        })
-        .await
+        let write = TaskWrite::Fail { id, owner: owner.to_string(), error: error.to_string(), at_ms };
+        match self.write_task("fail_task", write).await? {
+            TaskWritten::Failed(failed) => Ok(failed),
+            _ => Err(mismatched("fail_task")),
+        }
     }
 
     async fn claim_next_pull(
@@ -602,5 +840,139 @@ impl TaskStore for SqlStore {
             })
             .await?;
         Ok(u64::try_from(depth).unwrap_or(0))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use nops_core::store::TaskStore;
+
+    use super::*;
+    use crate::StoreConfig;
+
+    async fn sqlite() -> (tempfile::TempDir, SqlStore) {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let url = format!("sqlite://{}", dir.path().join("tasks.db").display());
+        let store = SqlStore::open(&StoreConfig { database_url: url, ..StoreConfig::default() }).await.expect("opens");
+        (dir, store)
+    }
+
+    fn task(id: Uuid) -> TaskRecord {
+        TaskRecord {
+            id,
+            tenant: TenantId::default_tenant(),
+            status: TaskStatus::Queued,
+            request: RouteRequest {
+                capabilities: Vec::new(),
+                labels: Default::default(),
+                hints: Default::default(),
+                count: None,
+            },
+            input: serde_json::json!({ "n": 1 }),
+            attempt_timeout_ms: 1_000,
+            attempts_max: 1,
+            deadline_at_ms: i64::MAX,
+            attempt: 0,
+            output: None,
+            error: None,
+            created_at_ms: 1,
+            updated_at_ms: 1,
+            finished_at_ms: None,
+            owner: Some("kernel-a".into()),
+            lease_until_ms: i64::MAX,
+        }
+    }
+
+    /// Inserts `count` tasks at once (the one at `duplicate` reusing `taken`'s id) under
+    /// `active_max`; counts of stored, limited and duplicate, each stored task read back.
+    async fn insert_at_once(
+        store: &Arc<SqlStore>,
+        count: usize,
+        duplicate: Option<(usize, Uuid)>,
+        active_max: u32,
+    ) -> (usize, usize, usize) {
+        let writers: Vec<_> = (0..count)
+            .map(|i| {
+                let store = store.clone();
+                let id = duplicate.filter(|(at, _)| *at == i).map_or_else(Uuid::now_v7, |(_, id)| id);
+                tokio::spawn(async move { (id, store.insert_task(&task(id), active_max).await) })
+            })
+            .collect();
+        let (mut stored, mut limited, mut duplicates) = (0, 0, 0);
+        for writer in writers {
+            let (id, result) = writer.await.expect("writer");
+            match result {
+                Ok(()) => {
+                    stored += 1;
+                    assert!(store.get_task(None, id).await.expect("reads").is_some(), "a stored task is readable");
+                }
+                Err(StoreError::LimitExceeded(_)) => limited += 1,
+                Err(StoreError::UniqueViolation(_)) => duplicates += 1,
+                Err(other) => panic!("unexpected error: {other}"),
+            }
+        }
+        (stored, limited, duplicates)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_writes_share_commits_but_keep_their_own_verdicts() {
+        let (_dir, store) = sqlite().await;
+        let store = Arc::new(store);
+        let taken = Uuid::now_v7();
+        store.insert_task(&task(taken), 1_000).await.expect("first insert");
+        // A write that fails for itself (a duplicate id) fails alone.
+        assert_eq!(insert_at_once(&store, 200, Some((100, taken)), 1_000).await, (199, 0, 1));
+        // The tenant limit counts every write committed before, in the same group or not.
+        assert_eq!(insert_at_once(&store, 100, None, 250).await, (50, 50, 0));
+    }
+
+    #[tokio::test]
+    async fn an_attempt_starts_and_finishes_once() {
+        let (_dir, store) = sqlite().await;
+        let id = Uuid::now_v7();
+        store.insert_task(&task(id), 10).await.expect("insert");
+        let attempt = AttemptRecord {
+            task_id: id,
+            attempt: 1,
+            tenant: TenantId::default_tenant(),
+            agent: AgentId(Uuid::now_v7()),
+            mode: DeliveryMode::Push,
+            started_at_ms: 2,
+            timeout_at_ms: 1_002,
+            delivered_at_ms: Some(2),
+            finished_at_ms: None,
+            outcome: None,
+            answered: false,
+            error: None,
+            late: false,
+        };
+        assert_eq!(store.start_attempt(&attempt, "kernel-b", 10, 10).await.expect("start"), StartVerdict::Lost);
+        let (first, again) = tokio::join!(
+            store.start_attempt(&attempt, "kernel-a", 10, 10),
+            store.start_attempt(&attempt, "kernel-a", 10, 10)
+        );
+        let mut verdicts = [first.expect("start"), again.expect("start")];
+        verdicts.sort_by_key(|v| *v == StartVerdict::Lost);
+        assert_eq!(verdicts, [StartVerdict::Started, StartVerdict::Lost]);
+        let report = |output: i64| AttemptReport {
+            task_id: id,
+            attempt: 1,
+            tenant: TenantId::default_tenant(),
+            agent: attempt.agent,
+            result: Reported::Output(serde_json::json!(output)),
+            answered: true,
+            at_ms: 3,
+        };
+        let (one, two) = (report(1), report(2));
+        let (first, second) = tokio::join!(store.finish_attempt(&one), store.finish_attempt(&two));
+        let mut verdicts = [first.expect("finish"), second.expect("finish")];
+        verdicts.sort_by_key(|v| *v != Verdict::Accepted);
+        assert_eq!(verdicts[0], Verdict::Accepted);
+        assert!(matches!(verdicts[1], Verdict::Duplicate | Verdict::TaskFinished), "{:?}", verdicts[1]);
+        let stored = store.get_task(None, id).await.expect("reads").expect("exists");
+        assert_eq!(stored.status, TaskStatus::Succeeded);
+        assert!(stored.output == Some(serde_json::json!(1)) || stored.output == Some(serde_json::json!(2)));
     }
 }

@@ -42,8 +42,8 @@ pub struct TaskService {
     owner: String,
     /// Free driver slots (`drivers_max`).
     drivers: Arc<Semaphore>,
-    /// Tasks driven here now.
-    driving: DashMap<Uuid, ()>,
+    /// Tasks driven here now, with their tenant when this kernel accepted them.
+    driving: DashMap<Uuid, Option<TenantId>>,
     /// Pull agents waiting for work on this kernel, woken when work is queued here.
     agent_waiters: DashMap<AgentId, Arc<Notify>>,
     /// Drivers waiting for a pull result, woken when one is recorded here.
@@ -228,10 +228,12 @@ impl TaskService {
             other => other.into(),
         })?;
         tracing::info!(task_id = %task.id, tenant = %tenant, "task submitted");
+        let view = TaskView::summary(task.clone());
         if let Some(permit) = permit {
-            self.spawn_driver(task.id, permit);
+            // Just stored, with no attempt: the driver starts from this record, not a read.
+            self.spawn_driver(task.id, permit, Some(task));
         }
-        Ok(TaskView::summary(task))
+        Ok(view)
     }
 
     /// The task with its attempts, if it belongs to `tenant`.
@@ -247,10 +249,24 @@ impl TaskService {
     pub async fn get_finished(&self, tenant: &TenantId, id: Uuid, wait: Duration) -> CoreResult<TaskView> {
         let until = Instant::now() + wait.min(Duration::from_millis(self.config.wait_ms_max));
         let notify = self.task_waiters.entry(id).or_default().clone();
+        let mut first = true;
         let result = loop {
             let notified = notify.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
+            // A task of this tenant driven here is unfinished (its driver leaves the set before
+            // it wakes the waiters): no read until it wakes us.
+            let unfinished = first
+                && Instant::now() < until
+                && self.driving.get(&id).is_some_and(|driven| driven.value().as_ref() == Some(tenant));
+            first = false;
+            if unfinished {
+                tokio::select! {
+                    () = &mut notified => {}
+                    () = tokio::time::sleep_until(until) => {}
+                }
+                continue;
+            }
             let view = match self.get(tenant, id).await {
                 Ok(view) => view,
                 Err(err) => break Err(err),
@@ -434,7 +450,7 @@ impl TaskService {
                 }
                 let Ok(permit) = self.drivers.clone().try_acquire_owned() else { break };
                 tracing::info!(task_id = %id, "taking over a task whose lease ran out");
-                self.spawn_driver(id, permit);
+                self.spawn_driver(id, permit, None);
                 taken += 1;
             }
         }
@@ -460,25 +476,31 @@ impl TaskService {
         }
     }
 
-    fn spawn_driver(self: &Arc<Self>, id: Uuid, permit: OwnedSemaphorePermit) {
-        if self.driving.insert(id, ()).is_some() {
+    /// Drives task `id` here; `fresh` is its record when it was just stored by this kernel
+    /// (no attempt yet), saving the first read.
+    fn spawn_driver(self: &Arc<Self>, id: Uuid, permit: OwnedSemaphorePermit, fresh: Option<TaskRecord>) {
+        let tenant = fresh.as_ref().map(|task| task.tenant.clone());
+        if self.driving.insert(id, tenant).is_some() {
             return;
         }
         self.metrics.tasks_driving.inc();
         let this = self.clone();
         tokio::spawn(async move {
-            let _guard = DrivingGuard { service: &this, id };
+            let guard = DrivingGuard { service: &this, id };
+            let mut fresh = fresh;
             // This kernel keeps renewing the leases of the tasks it owns, so a driver that
             // stops on an error (the store unreachable, say) must resume the task itself: it
             // starts over from the stored state after a backoff, until the task finishes, its
             // deadline passes (checked from the stored state) or another kernel owns it.
             let mut failures = 0u32;
-            while let Err(err) = this.drive(id).await {
+            while let Err(err) = this.drive(id, fresh.take()).await {
                 tracing::warn!(task_id = %id, error = %err, "driving a task failed; resuming after a pause");
                 let pause = backoff::full_jitter(this.config.backoff_base_ms, this.config.backoff_cap_ms, failures);
                 failures = failures.saturating_add(1);
                 tokio::time::sleep(pause).await;
             }
+            // Out of the driving set before the waiters wake (see `get_finished`).
+            drop(guard);
             if let Some(waiters) = this.task_waiters.get(&id) {
                 waiters.notify_waiters();
             }
@@ -486,15 +508,22 @@ impl TaskService {
         });
     }
 
-    /// Runs a task's attempts until it succeeds, fails, or is no longer ours.
-    async fn drive(self: &Arc<Self>, id: Uuid) -> CoreResult<()> {
-        let Some(task) = self.store.get_task(None, id).await? else { return Ok(()) };
+    /// Runs a task's attempts until it succeeds, fails, or is no longer ours. `fresh`: the
+    /// task as this kernel just stored it (no attempts); otherwise it is read from the store.
+    async fn drive(self: &Arc<Self>, id: Uuid, fresh: Option<TaskRecord>) -> CoreResult<()> {
+        let (task, attempts) = match fresh {
+            Some(task) => (task, Vec::new()),
+            None => {
+                let Some(task) = self.store.get_task(None, id).await? else { return Ok(()) };
+                let attempts = self.store.list_attempts(id).await?;
+                (task, attempts)
+            }
+        };
         if task.status.is_final() || task.owner.as_deref() != Some(self.owner.as_str()) {
             return Ok(());
         }
         let left_ms = u64::try_from(task.deadline_at_ms.saturating_sub(self.clock.now_ms())).unwrap_or(0);
         let deadline = Instant::now() + Duration::from_millis(left_ms);
-        let attempts = self.store.list_attempts(id).await?;
         let mut tried: HashSet<AgentId> = attempts.iter().map(|a| a.agent).collect();
         let mut made = task.attempt;
         let mut last_error = attempts.last().and_then(|a| a.error.clone());
@@ -727,6 +756,11 @@ impl TaskService {
                 answered: true,
                 at_ms: this.clock.now_ms(),
             };
+            let ended = match &report.result {
+                Reported::Output(_) => Ended::Success,
+                Reported::Error(e) => Ended::Failure(e.clone()),
+                Reported::TimedOut(e) => Ended::Timeout(e.clone()),
+            };
             let verdict = match this.store.finish_attempt(&report).await {
                 Err(err) => {
                     // The agent did the work: keep its answer for when the store returns.
@@ -742,9 +776,11 @@ impl TaskService {
                     "late pushed answer discarded"
                 );
             }
-            let _ = tx.send(verdict);
+            let _ = tx.send(verdict.map(|verdict| (verdict, ended)));
         });
         match tokio::time::timeout(timeout, rx).await {
+            // This answer is the attempt's recorded end.
+            Ok(Ok(Ok((Verdict::Accepted, ended)))) => Ok(ended),
             Ok(Ok(Ok(_))) => self.recorded(record).await,
             Ok(Ok(Err(err))) => Err(err.into()),
             // The sender vanished (the runtime is stopping) or the timeout passed.
