@@ -33,6 +33,8 @@ pub(crate) enum Behaviour {
     FailFirstAttempt,
     /// The first attempt of any task is answered after 10 s (a straggler); later ones at once.
     SlowFirstAttempt,
+    /// Echoes after 300 ms (a client's long poll is waiting by then).
+    Unhurried,
 }
 
 /// A push agent listening on 127.0.0.1; counts the requests it received.
@@ -69,6 +71,10 @@ pub(crate) async fn push_agent(name: &'static str, behaviour: Behaviour) -> Push
                         tokio::time::sleep(Duration::from_secs(10)).await;
                         late.fetch_add(1, Ordering::SeqCst);
                         (StatusCode::OK, axum::Json(json!({ "echo": "straggler", "agent": name })))
+                    }
+                    Behaviour::Unhurried => {
+                        tokio::time::sleep(Duration::from_millis(300)).await;
+                        (StatusCode::OK, axum::Json(echo))
                     }
                     Behaviour::FailFirstAttempt | Behaviour::SlowFirstAttempt => (StatusCode::OK, axum::Json(echo)),
                 }
@@ -165,6 +171,76 @@ async fn a_pushed_task_runs_on_the_agent_and_its_result_is_readable() {
         let (_, page) = k.call("GET", "/api/v1/tasks?status=failed", None).await;
         assert!(page["items"].as_array().expect("items").is_empty());
         assert!(metric(&k, "nops_tasks_total{status=\"succeeded\"}").await >= 1.0);
+    }
+}
+
+#[tokio::test]
+async fn a_client_waiting_for_a_task_sees_exactly_what_a_later_read_shows() {
+    for k in TestKernel::all().await {
+        // Answered at the first attempt (the waiter is woken with the driver's own record)
+        // and after a retry (the waiter reads the store).
+        for (name, behaviours) in [
+            ("first-attempt", vec![Behaviour::Unhurried]),
+            ("after-retry", vec![Behaviour::FailFirstAttempt, Behaviour::FailFirstAttempt]),
+        ] {
+            for (i, behaviour) in behaviours.into_iter().enumerate() {
+                let agent = push_agent("waited", behaviour).await;
+                register(&k, &format!("{name}-{i}"), Some(&agent.url)).await;
+            }
+            let id = submit(&k, json!({ "input": { "case": name } })).await;
+            let (status, waited) = k.call("GET", &format!("/api/v1/tasks/{id}?wait_ms=20000"), None).await;
+            assert_eq!(status, StatusCode::OK, "{waited}");
+            assert_eq!(waited["status"], "succeeded", "{:?} {name}: {waited}", k.backend);
+            let (_, read) = k.call("GET", &format!("/api/v1/tasks/{id}"), None).await;
+            assert_eq!(waited, read, "{:?} {name}: the waiter's answer is the stored task", k.backend);
+            assert_eq!(read["output"]["echo"], json!({ "case": name }));
+            let attempts = read["attempts"].as_array().expect("attempts").len();
+            assert_eq!(attempts, if name == "first-attempt" { 1 } else { 2 }, "{read}");
+            // Out of the next case's way.
+            let (_, page) = k.call("GET", "/api/v1/agents?limit=100", None).await;
+            for agent in page["items"].as_array().expect("items") {
+                let path = format!("/api/v1/agents/{}", agent["id"].as_str().expect("id"));
+                let (status, _) = k.call("DELETE", &path, None).await;
+                assert_eq!(status, StatusCode::NO_CONTENT);
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_submission_can_wait_for_its_result_in_one_request() {
+    for k in TestKernel::all().await {
+        let agent = push_agent("sync", Behaviour::Unhurried).await;
+        register(&k, "sync", Some(&agent.url)).await;
+        let body = json!({ "capabilities": [{ "name": CAPABILITY, "version": "^1" }], "input": { "sync": true } });
+        let (status, done) = k.call("POST", "/api/v1/tasks?wait_ms=20000", Some(body.clone())).await;
+        assert_eq!(status, StatusCode::OK, "{:?}: finished within the wait: {done}", k.backend);
+        assert_eq!(done["status"], "succeeded", "{done}");
+        assert_eq!(done["output"]["echo"], json!({ "sync": true }));
+        let (_, read) = k.call("GET", &format!("/api/v1/tasks/{}", done["id"].as_str().expect("id")), None).await;
+        assert_eq!(done, read, "{:?}: the answer is the stored task", k.backend);
+
+        // A wait shorter than the agent: 202 with the task still running.
+        let (status, running) = k.call("POST", "/api/v1/tasks?wait_ms=1", Some(body.clone())).await;
+        assert_eq!(status, StatusCode::ACCEPTED, "{running}");
+        assert!(matches!(running["status"].as_str(), Some("queued" | "running")), "{running}");
+
+        // Waiting shows the output: a key that may submit but not read is refused, and
+        // nothing is stored.
+        let key = json!({ "name": "submitter", "role": "operator", "scopes": ["tasks:write"] });
+        let (status, created) = k.call("POST", "/api/v1/admin/api-keys", Some(key)).await;
+        assert_eq!(status, StatusCode::CREATED, "{created}");
+        let secret = created["secret"].as_str().expect("secret");
+        let (_, before) = k.call("GET", "/api/v1/tasks?limit=100", None).await;
+        let (status, refused) =
+            as_key(&k, secret, None, "POST", "/api/v1/tasks?wait_ms=1000", Some(body.clone())).await;
+        assert_eq!(status, StatusCode::FORBIDDEN, "{refused}");
+        assert_eq!(refused["error"]["code"], "insufficient_scope", "{refused}");
+        let (_, after) = k.call("GET", "/api/v1/tasks?limit=100", None).await;
+        assert_eq!(before["items"].as_array().map(Vec::len), after["items"].as_array().map(Vec::len));
+        // The same key may still submit without waiting.
+        let (status, queued) = as_key(&k, secret, None, "POST", "/api/v1/tasks", Some(body)).await;
+        assert_eq!(status, StatusCode::ACCEPTED, "{queued}");
     }
 }
 

@@ -275,6 +275,15 @@ pub enum Verdict {
     NotFound,
 }
 
+/// An attempt's accepted end as the store recorded it: the task and the attempt, as stored.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RecordedEnd {
+    /// The task after the write.
+    pub task: TaskRecord,
+    /// The attempt after the write.
+    pub attempt: AttemptRecord,
+}
+
 /// Whether [`crate::store::TaskStore::start_attempt`] started the attempt.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StartVerdict {

@@ -352,6 +352,14 @@ pub trait TaskStore: Send + Sync + 'static {
     ) -> Result<Vec<crate::dispatch::TaskRecord>, StoreError>;
     /// A task's attempts, oldest first.
     async fn list_attempts(&self, task: Uuid) -> Result<Vec<crate::dispatch::AttemptRecord>, StoreError>;
+    /// The task with this id in `tenant` (any tenant when `None`) and its attempts, oldest
+    /// first, read together (one statement): what [`TaskStore::get_task`] and
+    /// [`TaskStore::list_attempts`] answer, as of one moment.
+    async fn get_task_with_attempts(
+        &self,
+        tenant: Option<&TenantId>,
+        id: Uuid,
+    ) -> Result<Option<(crate::dispatch::TaskRecord, Vec<crate::dispatch::AttemptRecord>)>, StoreError>;
     /// One attempt.
     async fn get_attempt(&self, task: Uuid, attempt: u32)
     -> Result<Option<crate::dispatch::AttemptRecord>, StoreError>;
@@ -374,7 +382,16 @@ pub trait TaskStore: Send + Sync + 'static {
     async fn finish_attempt(
         &self,
         report: &crate::dispatch::AttemptReport,
-    ) -> Result<crate::dispatch::Verdict, StoreError>;
+    ) -> Result<crate::dispatch::Verdict, StoreError> {
+        Ok(self.finish_attempt_recorded(report).await?.0)
+    }
+    /// [`TaskStore::finish_attempt`], also answering, when the end was accepted, the task and
+    /// the attempt as that write stored them (read back by the write itself, not by another
+    /// statement).
+    async fn finish_attempt_recorded(
+        &self,
+        report: &crate::dispatch::AttemptReport,
+    ) -> Result<(crate::dispatch::Verdict, Option<Box<crate::dispatch::RecordedEnd>>), StoreError>;
     /// Marks an unfinished task driven by `owner` failed with `error`; false when it had
     /// finished or another kernel drives it.
     async fn fail_task(&self, id: Uuid, owner: &str, error: &str, at_ms: i64) -> Result<bool, StoreError>;

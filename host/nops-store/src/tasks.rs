@@ -12,17 +12,24 @@
 //! task's failure) go through one group committer: each is applied in the order queued, in
 //! one transaction with every other write queued meanwhile, and its caller is answered after
 //! that transaction commits. A write is as durable when its caller hears back as it was in a
-//! transaction of its own; only the number of commits drops with the load.
+//! transaction of its own; only the number of commits drops with the load. While writes keep
+//! arriving, the committer keeps its checkout of the write connection for up to
+//! [`GROUP_COMMIT_HOLD_GROUPS_MAX`] groups.
+//!
+//! An attempt's end is written with `RETURNING`, so the caller gets the task and the attempt
+//! as stored without reading them again ([`TaskStore::finish_attempt_recorded`]).
 
 use async_trait::async_trait;
 use nops_core::agent::AgentId;
 use nops_core::dispatch::{
-    AttemptRecord, AttemptReport, DeliveryMode, PulledAttempt, Reported, StartVerdict, TaskRecord, TaskStatus, Verdict,
+    AttemptRecord, AttemptReport, DeliveryMode, PulledAttempt, RecordedEnd, Reported, StartVerdict, TaskRecord,
+    TaskStatus, Verdict,
 };
 use nops_core::routing::RouteRequest;
 use nops_core::store::{StoreError, TaskStore};
 use nops_core::tenant::TenantId;
-use sqlx::SqlitePool;
+use sqlx::pool::PoolConnection;
+use sqlx::{Connection, Sqlite, SqliteConnection, SqlitePool};
 use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
@@ -34,12 +41,50 @@ const PULL_CLAIM_TRIES_MAX: usize = 4;
 const TASK_WRITE_QUEUE_MAX: usize = 4_096;
 /// Most task writes one group commit applies (the rest open the next group).
 const GROUP_COMMIT_WRITES_MAX: usize = 256;
+/// Most back-to-back groups the committer writes on one checkout of the write connection
+/// before handing it back to the pool, where other writers (heartbeat flushes, the bus,
+/// registrations) may be waiting for it. The pool tests a connection each time it is handed
+/// back (a round trip to its thread), so while writes keep arriving it is kept.
+const GROUP_COMMIT_HOLD_GROUPS_MAX: u32 = 8;
 
 const TASK_COLUMNS: &str = "id, tenant, status, request, input, attempt_timeout_ms, attempts_max, deadline_at_ms, \
      attempt, output, error, created_at_ms, updated_at_ms, finished_at_ms, owner, lease_until_ms";
 
 const ATTEMPT_COLUMNS: &str = "task_id, attempt, tenant, agent_id, mode, started_at_ms, timeout_at_ms, \
      delivered_at_ms, finished_at_ms, outcome, answered, error, late";
+
+/// A task and its attempts in one statement: the task's columns, then the attempt's prefixed
+/// `a_` (NULL when it has none), one row per attempt in order.
+static TASK_WITH_ATTEMPTS_SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    let task_columns: Vec<String> = TASK_COLUMNS.split(", ").map(|c| format!("t.{c}")).collect();
+    let attempt_columns: Vec<String> =
+        ATTEMPT_COLUMNS.split(", ").filter(|c| *c != "task_id").map(|c| format!("a.{c} AS a_{c}")).collect();
+    format!(
+        "SELECT {}, {} FROM tasks t LEFT JOIN task_attempts a ON a.task_id = t.id WHERE t.id = $1 ORDER BY a.attempt",
+        task_columns.join(", "),
+        attempt_columns.join(", ")
+    )
+});
+
+/// Ends an attempt if it is the task's current, unfinished one; returns the attempt's row.
+static FINISH_ATTEMPT_SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    format!(
+        "UPDATE task_attempts SET finished_at_ms = $1, outcome = $2, answered = $3, error = $4 \
+         WHERE task_id = $5 AND attempt = $6 AND agent_id = $7 AND tenant = $8 AND finished_at_ms IS NULL \
+         AND EXISTS (SELECT 1 FROM tasks t WHERE t.id = $5 AND t.attempt = $6 AND t.status IN ('queued', 'running')) \
+         RETURNING {ATTEMPT_COLUMNS}"
+    )
+});
+/// Finishes a task with its output; returns its row.
+static SUCCEED_TASK_SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    format!(
+        "UPDATE tasks SET status = 'succeeded', output = $1, error = NULL, finished_at_ms = $2, updated_at_ms = $2, \
+         owner = NULL WHERE id = $3 RETURNING {TASK_COLUMNS}"
+    )
+});
+/// Marks a task changed (an attempt of it ended without success); returns its row.
+static TOUCH_TASK_SQL: std::sync::LazyLock<String> =
+    std::sync::LazyLock::new(|| format!("UPDATE tasks SET updated_at_ms = $1 WHERE id = $2 RETURNING {TASK_COLUMNS}"));
 
 /// A `tasks` row.
 #[derive(sqlx::FromRow)]
@@ -144,6 +189,46 @@ impl TryFrom<AttemptRow> for AttemptRecord {
     }
 }
 
+/// A task's row joined with one of its attempts (none: the attempt's columns are NULL).
+#[derive(sqlx::FromRow)]
+struct TaskAttemptRow {
+    #[sqlx(flatten)]
+    task: TaskRow,
+    a_attempt: Option<i64>,
+    a_tenant: Option<String>,
+    a_agent_id: Option<Uuid>,
+    a_mode: Option<String>,
+    a_started_at_ms: Option<i64>,
+    a_timeout_at_ms: Option<i64>,
+    a_delivered_at_ms: Option<i64>,
+    a_finished_at_ms: Option<i64>,
+    a_outcome: Option<String>,
+    a_answered: Option<bool>,
+    a_error: Option<String>,
+    a_late: Option<bool>,
+}
+
+impl TaskAttemptRow {
+    /// The attempt's half, when the join found one.
+    fn attempt(&mut self) -> Option<AttemptRow> {
+        Some(AttemptRow {
+            task_id: self.task.id,
+            attempt: self.a_attempt?,
+            tenant: self.a_tenant.take()?,
+            agent_id: self.a_agent_id?,
+            mode: self.a_mode.take()?,
+            started_at_ms: self.a_started_at_ms?,
+            timeout_at_ms: self.a_timeout_at_ms?,
+            delivered_at_ms: self.a_delivered_at_ms,
+            finished_at_ms: self.a_finished_at_ms,
+            outcome: self.a_outcome.take(),
+            answered: self.a_answered?,
+            error: self.a_error.take(),
+            late: self.a_late?,
+        })
+    }
+}
+
 /// What [`TaskStore::finish_attempt`] found when its update matched nothing.
 #[derive(sqlx::FromRow)]
 struct FinishState {
@@ -198,7 +283,8 @@ enum TaskWritten {
     /// `false`: the tenant is at its limit of unfinished tasks.
     Inserted(bool),
     Started(StartVerdict),
-    Finished(Verdict),
+    /// With the task's and the attempt's rows as written, when accepted.
+    Finished(Verdict, Option<Box<(TaskRow, AttemptRow)>>),
     /// `false`: the task was not this kernel's or had finished.
     Failed(bool),
 }
@@ -344,43 +430,31 @@ macro_rules! apply_task_write {
                         Reported::Error(message) | Reported::TimedOut(message) => Some(message.as_str()),
                     };
                     let attempt = i64::from(r.attempt);
-                    let done = sqlx::query(
-                        "UPDATE task_attempts SET finished_at_ms = $1, outcome = $2, answered = $3, error = $4 \
-                         WHERE task_id = $5 AND attempt = $6 AND agent_id = $7 AND tenant = $8 \
-                         AND finished_at_ms IS NULL \
-                         AND EXISTS (SELECT 1 FROM tasks t WHERE t.id = $5 AND t.attempt = $6 \
-                                     AND t.status IN ('queued', 'running'))",
-                    )
-                    .bind(r.at_ms)
-                    .bind(f.outcome)
-                    .bind(r.answered)
-                    .bind(error)
-                    .bind(r.task_id)
-                    .bind(attempt)
-                    .bind(r.agent.0)
-                    .bind(r.tenant.as_str())
-                    .execute(&mut *conn)
-                    .await?
-                    .rows_affected();
-                    if done == 1 {
-                        if let Some(output) = &f.output {
-                            sqlx::query(
-                                "UPDATE tasks SET status = 'succeeded', output = $1, error = NULL, \
-                                 finished_at_ms = $2, updated_at_ms = $2, owner = NULL WHERE id = $3",
-                            )
-                            .bind(output.as_str())
-                            .bind(r.at_ms)
-                            .bind(r.task_id)
-                            .execute(&mut *conn)
-                            .await?;
-                        } else {
-                            sqlx::query("UPDATE tasks SET updated_at_ms = $1 WHERE id = $2")
+                    // Both updates return the rows they leave, so the caller learns what was
+                    // stored without reading it again.
+                    let done: Option<AttemptRow> = sqlx::query_as(&FINISH_ATTEMPT_SQL)
+                        .bind(r.at_ms)
+                        .bind(f.outcome)
+                        .bind(r.answered)
+                        .bind(error)
+                        .bind(r.task_id)
+                        .bind(attempt)
+                        .bind(r.agent.0)
+                        .bind(r.tenant.as_str())
+                        .fetch_optional(&mut *conn)
+                        .await?;
+                    if let Some(attempt_row) = done {
+                        let task_row: TaskRow = if let Some(output) = &f.output {
+                            sqlx::query_as(&SUCCEED_TASK_SQL)
+                                .bind(output.as_str())
                                 .bind(r.at_ms)
                                 .bind(r.task_id)
-                                .execute(&mut *conn)
-                                .await?;
-                        }
-                        TaskWritten::Finished(Verdict::Accepted)
+                                .fetch_one(&mut *conn)
+                                .await?
+                        } else {
+                            sqlx::query_as(&TOUCH_TASK_SQL).bind(r.at_ms).bind(r.task_id).fetch_one(&mut *conn).await?
+                        };
+                        TaskWritten::Finished(Verdict::Accepted, Some(Box::new((task_row, attempt_row))))
                     } else {
                         let state: Option<FinishState> = sqlx::query_as(
                             "SELECT a.finished_at_ms AS attempt_finished, a.answered, t.status AS task_status \
@@ -409,7 +483,7 @@ macro_rules! apply_task_write {
                                 .execute(&mut *conn)
                                 .await?;
                         }
-                        TaskWritten::Finished(verdict)
+                        TaskWritten::Finished(verdict, None)
                     }
                 }
                 TaskWrite::Fail { id, owner, error, at_ms } => {
@@ -471,6 +545,8 @@ impl SqlStore {
 
 /// Commits the queued task writes, group by group, until every sender is gone.
 async fn serve_task_writes(pool: SqlitePool, mut jobs: mpsc::Receiver<TaskJob>) {
+    let mut held = None;
+    let mut held_groups = 0u32;
     while let Some(first) = jobs.recv().await {
         let mut group = vec![first];
         // Everything already waiting, without waiting for more.
@@ -480,31 +556,67 @@ async fn serve_task_writes(pool: SqlitePool, mut jobs: mpsc::Receiver<TaskJob>) 
                 Err(_) => break,
             }
         }
-        commit_task_writes(&pool, group).await;
+        commit_task_writes(&pool, &mut held, group).await;
+        held_groups += 1;
+        if jobs.is_empty() || held_groups >= GROUP_COMMIT_HOLD_GROUPS_MAX {
+            held = None;
+            held_groups = 0;
+        }
     }
+}
+
+/// Applies `group` in one transaction on `conn`.
+async fn apply_group(conn: &mut SqliteConnection, group: &[TaskJob]) -> Result<Vec<TaskWritten>, sqlx::Error> {
+    let mut tx = conn.begin().await?;
+    let mut written = Vec::with_capacity(group.len());
+    for job in group {
+        written.push(apply_task_write!(&mut *tx, &job.write).await?);
+    }
+    tx.commit().await?;
+    Ok(written)
+}
+
+/// Applies `group` on a connection checked out of `pool`, retrying transient failures;
+/// returns the connection with the verdicts.
+async fn checkout_and_apply(
+    pool: &SqlitePool,
+    group: &[TaskJob],
+) -> Result<(Vec<TaskWritten>, PoolConnection<Sqlite>), sqlx::Error> {
+    retry_transient("task_writes", || async {
+        let mut conn = pool.acquire().await?;
+        let written = apply_group(&mut conn, group).await?;
+        Ok((written, conn))
+    })
+    .await
 }
 
 /// Applies `group` in one transaction and answers each writer with its own verdict. When a
 /// write fails for itself (not the database), the group is rolled back and each write is
 /// applied alone, so that one write's error is never another's.
-async fn commit_task_writes(pool: &SqlitePool, group: Vec<TaskJob>) {
+///
+/// `held` is the write connection kept from the previous group, if any; it is kept for the
+/// next one when this group commits. After a failure it is handed back to the pool (every
+/// retry and the write-by-write path check a connection out of the pool).
+async fn commit_task_writes(pool: &SqlitePool, held: &mut Option<PoolConnection<Sqlite>>, group: Vec<TaskJob>) {
     // A writer that gave up before its commit started is not written for.
     let group: Vec<TaskJob> = group.into_iter().filter(|job| !job.answer.is_closed()).collect();
     if group.is_empty() {
         return;
     }
-    let together = retry_transient("task_writes", || async {
-        let mut tx = pool.begin().await?;
-        let mut written = Vec::with_capacity(group.len());
-        for job in &group {
-            written.push(apply_task_write!(&mut *tx, &job.write).await?);
-        }
-        tx.commit().await?;
-        Ok(written)
-    })
-    .await;
+    let together = match held.take() {
+        Some(mut conn) => match apply_group(&mut conn, &group).await {
+            Ok(written) => Ok((written, conn)),
+            Err(err) if is_transient(&err) => {
+                drop(conn);
+                checkout_and_apply(pool, &group).await
+            }
+            Err(err) => Err(err),
+        },
+        None => checkout_and_apply(pool, &group).await,
+    };
     match together {
-        Ok(written) => {
+        Ok((written, conn)) => {
+            *held = Some(conn);
             for (job, written) in group.into_iter().zip(written) {
                 let _ = job.answer.send(Ok(written));
             }
@@ -611,6 +723,31 @@ impl TaskStore for SqlStore {
         rows.into_iter().map(AttemptRecord::try_from).collect()
     }
 
+    async fn get_task_with_attempts(
+        &self,
+        tenant: Option<&TenantId>,
+        id: Uuid,
+    ) -> Result<Option<(TaskRecord, Vec<AttemptRecord>)>, StoreError> {
+        let rows: Vec<TaskAttemptRow> = self
+            .retrying("get_task_with_attempts", || async {
+                with_pool!(self, read, |pool| {
+                    sqlx::query_as::<_, TaskAttemptRow>(&TASK_WITH_ATTEMPTS_SQL).bind(id).fetch_all(pool).await
+                })
+            })
+            .await?;
+        let mut attempts = Vec::with_capacity(rows.len());
+        let mut task = None;
+        for mut row in rows {
+            if let Some(attempt) = row.attempt() {
+                attempts.push(AttemptRecord::try_from(attempt)?);
+            }
+            if task.is_none() {
+                task = Some(TaskRecord::try_from(row.task)?);
+            }
+        }
+        Ok(task.filter(|t| tenant.is_none_or(|tenant| &t.tenant == tenant)).map(|task| (task, attempts)))
+    }
+
     async fn get_attempt(&self, task: Uuid, attempt: u32) -> Result<Option<AttemptRecord>, StoreError> {
         let sql = format!("SELECT {ATTEMPT_COLUMNS} FROM task_attempts WHERE task_id = $1 AND attempt = $2");
         let row: Option<AttemptRow> = self
@@ -642,7 +779,10 @@ impl TaskStore for SqlStore {
         }
     }
 
-    async fn finish_attempt(&self, r: &AttemptReport) -> Result<Verdict, StoreError> {
+    async fn finish_attempt_recorded(
+        &self,
+        r: &AttemptReport,
+    ) -> Result<(Verdict, Option<Box<RecordedEnd>>), StoreError> {
         let (outcome, output) = match &r.result {
             Reported::Output(value) => {
                 ("success", Some(serde_json::to_string(value).map_err(|e| corrupt("task output", e))?))
@@ -652,7 +792,19 @@ impl TaskStore for SqlStore {
         };
         let write = TaskWrite::Finish(Box::new(FinishRow { report: r.clone(), outcome, output }));
         match self.write_task("finish_attempt", write).await? {
-            TaskWritten::Finished(verdict) => Ok(verdict),
+            TaskWritten::Finished(verdict, rows) => {
+                let recorded = match rows {
+                    Some(rows) => {
+                        let (task, attempt) = *rows;
+                        Some(Box::new(RecordedEnd {
+                            task: TaskRecord::try_from(task)?,
+                            attempt: AttemptRecord::try_from(attempt)?,
+                        }))
+                    }
+                    None => None,
+                };
+                Ok((verdict, recorded))
+            }
             _ => Err(mismatched("finish_attempt")),
         }
     }

@@ -45,15 +45,23 @@ fn parse_agent_id(raw: &str) -> Result<AgentId, ApiError> {
 /// the agent's endpoint, or queued for an agent that pulls. Each attempt has a timeout; a
 /// failed or timed-out attempt is retried on another agent after an exponential backoff with
 /// full jitter, within `attempts_max` and the deadline.
+///
+/// With `wait_ms`, the answer waits for the task to finish (one round trip for a caller that
+/// wants the result): 200 with the finished task, or 202 with the task as it is when the wait
+/// ends. Waiting shows the output, so it needs the `tasks:read` scope as well.
 #[utoipa::path(
     post,
     path = "/tasks",
     operation_id = "create_task",
     tag = "tasks",
+    params(CreateParams),
     request_body(content = NewTask, content_type = "application/json", description = "What the task needs and its input"),
     responses(
+        (status = 200, description = "With `wait_ms`: stored, run and finished within the wait", body = TaskView,
+            headers(("Location" = String, description = "The task's URL, `/api/v1/tasks/{id}`"))),
         (status = 202, description = "Stored; it runs in the background", body = TaskView,
             headers(("Location" = String, description = "The task's URL, `/api/v1/tasks/{id}`"))),
+        (status = 403, description = "`insufficient_scope`: `wait_ms` without the `tasks:read` scope (nothing stored)", body = ErrorBody),
         (status = 409, description = "`limit_exceeded`: too many unfinished tasks in the tenant", body = ErrorBody),
         (status = 422, description = "`invalid_task`, `invalid_capability`, `invalid_label`, `invalid_hint`, `input_too_large`", body = ErrorBody),
     ),
@@ -62,11 +70,37 @@ fn parse_agent_id(raw: &str) -> Result<AgentId, ApiError> {
 async fn create_task(
     State(state): State<AppState>,
     ctx: RequestContext,
+    Query(params): Query<CreateParams>,
     Json(new): Json<NewTask>,
 ) -> Result<impl IntoResponse, ApiError> {
-    let task = state.dispatch.submit(&ctx.tenant, new).await?;
+    let wait = Duration::from_millis(params.wait_ms.unwrap_or(0));
+    if !wait.is_zero() && !ctx.principal.scopes.covers(READ_SCOPE) {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "insufficient_scope",
+            format!("waiting for a task's result requires the scope `{READ_SCOPE}`"),
+        ));
+    }
+    let mut task = state.dispatch.submit(&ctx.tenant, new).await?;
+    if !wait.is_zero() {
+        task = state.dispatch.get_finished(&ctx.tenant, task.id, wait).await?;
+    }
+    let status = if task.status.is_final() { StatusCode::OK } else { StatusCode::ACCEPTED };
     let location = format!("/api/v1/tasks/{}", task.id);
-    Ok((StatusCode::ACCEPTED, [(http::header::LOCATION, location)], axum::Json(task)))
+    Ok((status, [(http::header::LOCATION, location)], axum::Json(task)))
+}
+
+/// The scope that reading a task needs.
+const READ_SCOPE: &str = "tasks:read";
+
+/// Query of `POST /tasks`.
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+struct CreateParams {
+    /// Wait up to this long, in ms, for the task to finish before answering (0 answers at
+    /// once; capped at the configured `wait_ms_max`, 20000 by default; needs `tasks:read`).
+    wait_ms: Option<u64>,
 }
 
 /// Query of `GET /tasks/{id}`.

@@ -26,7 +26,9 @@ use super::{Chaos, ChaosTarget, Injected};
 use crate::agent::{Agent, AgentEvent, AgentId};
 use crate::auth::ApiKeyRecord;
 use crate::degraded::DegradedModes;
-use crate::dispatch::{AttemptRecord, AttemptReport, PulledAttempt, StartVerdict, TaskRecord, TaskStatus, Verdict};
+use crate::dispatch::{
+    AttemptRecord, AttemptReport, PulledAttempt, RecordedEnd, StartVerdict, TaskRecord, TaskStatus, Verdict,
+};
 use crate::plugin::{ChainEntry, PluginChange, PluginState, PluginVersion, ShadowDiff};
 use crate::store::{
     AgentFilter, AgentLiveSeed, AgentStore, GcraOutcome, HeartbeatRecord, KeyStore, OutboxEvent, PluginCommit,
@@ -211,9 +213,11 @@ chaos_delegate!(TaskStore {
     fn get_task(&self, tenant: Option<&TenantId>, id: Uuid) -> Option<TaskRecord> [tenant];
     fn list_tasks(&self, tenant: &TenantId, status: Option<TaskStatus>, after: Option<Uuid>, limit: u32) -> Vec<TaskRecord> [Some(tenant)];
     fn list_attempts(&self, task: Uuid) -> Vec<AttemptRecord> [None];
+    fn get_task_with_attempts(&self, tenant: Option<&TenantId>, id: Uuid) -> Option<(TaskRecord, Vec<AttemptRecord>)> [tenant];
     fn get_attempt(&self, task: Uuid, attempt: u32) -> Option<AttemptRecord> [None];
     fn start_attempt(&self, attempt: &AttemptRecord, owner: &str, lease_until_ms: i64, queue_depth_max: u32) -> StartVerdict [Some(&attempt.tenant)];
     fn finish_attempt(&self, report: &AttemptReport) -> Verdict [Some(&report.tenant)];
+    fn finish_attempt_recorded(&self, report: &AttemptReport) -> (Verdict, Option<Box<RecordedEnd>>) [Some(&report.tenant)];
     fn fail_task(&self, id: Uuid, owner: &str, error: &str, at_ms: i64) -> bool [None];
     fn claim_next_pull(&self, tenant: &TenantId, agent: AgentId, now_ms: i64) -> Option<PulledAttempt> [Some(tenant)];
     fn renew_task_leases(&self, owner: &str, lease_until_ms: i64) -> u64 [None];

@@ -15,9 +15,9 @@ use tokio::time::Instant;
 use uuid::Uuid;
 
 use super::{
-    AttemptEnd, AttemptRecord, AttemptReport, Delivery, DeliveryMode, DispatchConfig, NewTask, PulledAttempt, Reported,
-    ResultAck, StartVerdict, TASK_CAPABILITIES_MAX, TASK_HINT_BYTES_MAX, TASK_HINTS_MAX, TaskRecord, TaskResult,
-    TaskStatus, TaskTransport, TaskView, Verdict, backoff, clip_error,
+    AttemptEnd, AttemptRecord, AttemptReport, Delivery, DeliveryMode, DispatchConfig, NewTask, PulledAttempt,
+    RecordedEnd, Reported, ResultAck, StartVerdict, TASK_CAPABILITIES_MAX, TASK_HINT_BYTES_MAX, TASK_HINTS_MAX,
+    TaskRecord, TaskResult, TaskStatus, TaskTransport, TaskView, Verdict, backoff, clip_error,
 };
 use crate::agent::{AgentId, validate_capability_name, validate_labels};
 use crate::chaos::{Chaos, ChaosTarget, Injected};
@@ -49,7 +49,7 @@ pub struct TaskService {
     /// Drivers waiting for a pull result, woken when one is recorded here.
     result_waiters: DashMap<Uuid, Arc<Notify>>,
     /// Clients waiting for a task to finish, woken when its driver here ends.
-    task_waiters: DashMap<Uuid, Arc<Notify>>,
+    task_waiters: DashMap<Uuid, Arc<TaskWaiters>>,
     /// Where results go while the store is down (critical writes).
     degraded: Option<Arc<DegradedModes>>,
 }
@@ -60,10 +60,20 @@ impl std::fmt::Debug for TaskService {
     }
 }
 
+/// The clients waiting for one task driven here.
+#[derive(Default)]
+struct TaskWaiters {
+    /// Woken when the task's driver here ends.
+    notify: Notify,
+    /// The finished task as its driver's last write stored it, when the driver knew all of it
+    /// (a success at the first attempt): the waiters answer with it instead of reading.
+    finished: std::sync::OnceLock<TaskView>,
+}
+
 /// How one attempt went, for the driver.
 enum Step {
-    /// The task succeeded.
-    Done,
+    /// The task succeeded (with the rows the store wrote, when it answered them).
+    Done(Option<Box<RecordedEnd>>),
     /// The attempt failed or timed out; retry if allowed.
     Failed(String),
     /// The pull agent's queue was full: try another agent without counting an attempt.
@@ -74,7 +84,8 @@ enum Step {
 
 /// How an attempt ended, as recorded.
 enum Ended {
-    Success,
+    /// With the rows the store wrote, when this kernel's write was the one accepted.
+    Success(Option<Box<RecordedEnd>>),
     Failure(String),
     Timeout(String),
 }
@@ -83,7 +94,7 @@ impl Ended {
     fn from_record(a: &AttemptRecord) -> Option<Self> {
         let error = || a.error.clone().unwrap_or_default();
         Some(match a.outcome? {
-            AttemptEnd::Success => Self::Success,
+            AttemptEnd::Success => Self::Success(None),
             AttemptEnd::Failure => Self::Failure(error()),
             AttemptEnd::Timeout => Self::Timeout(error()),
         })
@@ -238,8 +249,8 @@ impl TaskService {
 
     /// The task with its attempts, if it belongs to `tenant`.
     pub async fn get(&self, tenant: &TenantId, id: Uuid) -> CoreResult<TaskView> {
-        let task = self.store.get_task(Some(tenant), id).await?.ok_or(CoreError::NotFound { what: "task" })?;
-        let attempts = self.store.list_attempts(id).await?;
+        let (task, attempts) =
+            self.store.get_task_with_attempts(Some(tenant), id).await?.ok_or(CoreError::NotFound { what: "task" })?;
         Ok(TaskView::full(task, attempts))
     }
 
@@ -248,7 +259,8 @@ impl TaskService {
     /// another kernel is seen within `poll_interval_ms`.
     pub async fn get_finished(&self, tenant: &TenantId, id: Uuid, wait: Duration) -> CoreResult<TaskView> {
         let until = Instant::now() + wait.min(Duration::from_millis(self.config.wait_ms_max));
-        let notify = self.task_waiters.entry(id).or_default().clone();
+        let waiters = self.task_waiters.entry(id).or_default().clone();
+        let notify = &waiters.notify;
         let mut first = true;
         let result = loop {
             let notified = notify.notified();
@@ -264,6 +276,9 @@ impl TaskService {
                 tokio::select! {
                     () = &mut notified => {}
                     () = tokio::time::sleep_until(until) => {}
+                }
+                if let Some(view) = waiters.finished.get().filter(|view| &view.tenant == tenant) {
+                    break Ok(view.clone());
                 }
                 continue;
             }
@@ -281,7 +296,7 @@ impl TaskService {
                 () = tokio::time::sleep_until(wake) => {}
             }
         };
-        drop(notify);
+        drop(waiters);
         self.task_waiters.remove_if(&id, |_, n| Arc::strong_count(n) == 1);
         result
     }
@@ -493,16 +508,26 @@ impl TaskService {
             // starts over from the stored state after a backoff, until the task finishes, its
             // deadline passes (checked from the stored state) or another kernel owns it.
             let mut failures = 0u32;
-            while let Err(err) = this.drive(id, fresh.take()).await {
-                tracing::warn!(task_id = %id, error = %err, "driving a task failed; resuming after a pause");
-                let pause = backoff::full_jitter(this.config.backoff_base_ms, this.config.backoff_cap_ms, failures);
-                failures = failures.saturating_add(1);
-                tokio::time::sleep(pause).await;
-            }
+            let recorded = loop {
+                match this.drive(id, fresh.take()).await {
+                    Ok(recorded) => break recorded,
+                    Err(err) => {
+                        tracing::warn!(task_id = %id, error = %err, "driving a task failed; resuming after a pause");
+                        let pause =
+                            backoff::full_jitter(this.config.backoff_base_ms, this.config.backoff_cap_ms, failures);
+                        failures = failures.saturating_add(1);
+                        tokio::time::sleep(pause).await;
+                    }
+                }
+            };
             // Out of the driving set before the waiters wake (see `get_finished`).
             drop(guard);
             if let Some(waiters) = this.task_waiters.get(&id) {
-                waiters.notify_waiters();
+                if let Some(recorded) = recorded {
+                    let RecordedEnd { task, attempt } = *recorded;
+                    let _ = waiters.finished.set(TaskView::full(task, vec![attempt]));
+                }
+                waiters.notify.notify_waiters();
             }
             drop(permit);
         });
@@ -510,17 +535,18 @@ impl TaskService {
 
     /// Runs a task's attempts until it succeeds, fails, or is no longer ours. `fresh`: the
     /// task as this kernel just stored it (no attempts); otherwise it is read from the store.
-    async fn drive(self: &Arc<Self>, id: Uuid, fresh: Option<TaskRecord>) -> CoreResult<()> {
+    /// Returns the task's and its only attempt's rows as stored when it succeeded at its
+    /// first attempt here (the whole task, known without a read).
+    async fn drive(self: &Arc<Self>, id: Uuid, fresh: Option<TaskRecord>) -> CoreResult<Option<Box<RecordedEnd>>> {
         let (task, attempts) = match fresh {
             Some(task) => (task, Vec::new()),
             None => {
-                let Some(task) = self.store.get_task(None, id).await? else { return Ok(()) };
-                let attempts = self.store.list_attempts(id).await?;
-                (task, attempts)
+                let Some(read) = self.store.get_task_with_attempts(None, id).await? else { return Ok(None) };
+                read
             }
         };
         if task.status.is_final() || task.owner.as_deref() != Some(self.owner.as_str()) {
-            return Ok(());
+            return Ok(None);
         }
         let left_ms = u64::try_from(task.deadline_at_ms.saturating_sub(self.clock.now_ms())).unwrap_or(0);
         let deadline = Instant::now() + Duration::from_millis(left_ms);
@@ -531,9 +557,8 @@ impl TaskService {
             // Resumed after another kernel stopped: a queued pull attempt can still be answered
             // until its timeout; a pushed one died with the kernel that sent it.
             match self.resume(&task, open).await? {
-                Step::Done => return Ok(()),
+                Step::Done(_) | Step::QueueFull | Step::Lost => return Ok(None),
                 Step::Failed(error) => last_error = Some(error),
-                Step::QueueFull | Step::Lost => return Ok(()),
             }
         }
         let mut retries = 0u32;
@@ -543,14 +568,14 @@ impl TaskService {
                     "all {made} attempts failed; last error: {}",
                     last_error.as_deref().unwrap_or("none recorded")
                 );
-                return self.fail(&task, &error).await;
+                return self.fail(&task, &error).await.map(|()| None);
             }
             if Instant::now() >= deadline {
                 let error = format!(
                     "deadline passed after {made} attempts; last error: {}",
                     last_error.as_deref().unwrap_or("none")
                 );
-                return self.fail(&task, &error).await;
+                return self.fail(&task, &error).await.map(|()| None);
             }
             if made > 0 {
                 let pause = backoff::full_jitter(self.config.backoff_base_ms, self.config.backoff_cap_ms, retries);
@@ -571,11 +596,12 @@ impl TaskService {
                         last_error.as_deref().unwrap_or("none")
                     )
                 };
-                return self.fail(&task, &error).await;
+                return self.fail(&task, &error).await.map(|()| None);
             };
             tried.insert(agent.id);
             match self.attempt(&task, &agent, made + 1, deadline).await? {
-                Step::Done => return Ok(()),
+                // The first attempt: its rows are the task's whole stored state.
+                Step::Done(recorded) => return Ok(recorded.filter(|_| made == 0)),
                 Step::Failed(error) => {
                     made += 1;
                     last_error = Some(error);
@@ -586,7 +612,7 @@ impl TaskService {
                         last_error = Some(format!("the queue of agent {} is full", agent.id));
                     }
                 }
-                Step::Lost => return Ok(()),
+                Step::Lost => return Ok(None),
             }
         }
     }
@@ -687,7 +713,7 @@ impl TaskService {
     fn account(&self, task: &TaskRecord, record: &AttemptRecord, started: Instant, ended: Ended) -> Step {
         let elapsed = started.elapsed();
         let (outcome, step) = match ended {
-            Ended::Success => (AttemptOutcome::Success, Step::Done),
+            Ended::Success(recorded) => (AttemptOutcome::Success, Step::Done(recorded)),
             Ended::Failure(error) => (AttemptOutcome::Failure, Step::Failed(error)),
             Ended::Timeout(error) => (AttemptOutcome::Timeout, Step::Failed(error)),
         };
@@ -702,7 +728,7 @@ impl TaskService {
             .task_attempt_duration_seconds
             .with_label_values(&[record.mode.as_str()])
             .observe(elapsed.as_secs_f64());
-        if let Step::Done = step {
+        if let Step::Done(_) = step {
             self.metrics.tasks_total.with_label_values(&["succeeded"]).inc();
             tracing::info!(task_id = %task.id, attempt = record.attempt, agent_id = %record.agent, "task succeeded");
         }
@@ -756,18 +782,18 @@ impl TaskService {
                 answered: true,
                 at_ms: this.clock.now_ms(),
             };
-            let ended = match &report.result {
-                Reported::Output(_) => Ended::Success,
-                Reported::Error(e) => Ended::Failure(e.clone()),
-                Reported::TimedOut(e) => Ended::Timeout(e.clone()),
-            };
-            let verdict = match this.store.finish_attempt(&report).await {
+            let (verdict, recorded) = match this.store.finish_attempt_recorded(&report).await {
+                Ok((verdict, recorded)) => (Ok(verdict), recorded),
                 Err(err) => {
                     // The agent did the work: keep its answer for when the store returns.
                     let _ = this.spool_result(&report, &err).await;
-                    Err(err)
+                    (Err(err), None)
                 }
-                verdict => verdict,
+            };
+            let ended = match &report.result {
+                Reported::Output(_) => Ended::Success(recorded),
+                Reported::Error(e) => Ended::Failure(e.clone()),
+                Reported::TimedOut(e) => Ended::Timeout(e.clone()),
             };
             if let Ok(Verdict::Superseded | Verdict::TaskFinished) = verdict {
                 this.metrics.task_late_results_total.with_label_values(&["push"]).inc();
@@ -834,7 +860,7 @@ impl TaskService {
     /// returns that instead.
     async fn settle(&self, record: &AttemptRecord, reported: Reported) -> CoreResult<Ended> {
         let ended = match &reported {
-            Reported::Output(_) => Ended::Success,
+            Reported::Output(_) => Ended::Success(None),
             Reported::Error(e) => Ended::Failure(e.clone()),
             Reported::TimedOut(e) => Ended::Timeout(e.clone()),
         };
