@@ -10,7 +10,10 @@
 # (default 20), E2E_DATABASE_URL (default: a fresh SQLite file; a postgres:// URL runs the
 # kernel on PostgreSQL; the database should be empty), E2E_PROFILE_DIR (when set: during each
 # rate's kernel run, `perf record` of the kernel for 8 s and `top` of all three processes go
-# there, as perf-<rate>.data and top-<rate>.txt).
+# there, as perf-<rate>.data and top-<rate>.txt), E2E_BIN_DIR (run the `nops` and `fleet`
+# binaries in that directory instead of building them: A/B runs of two builds),
+# E2E_SEPARATE_WAIT (when set: each task is submitted, then waited for with a second request,
+# instead of one `POST /api/v1/tasks?wait_ms=…`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -18,8 +21,12 @@ agents=${E2E_AGENTS:-1000}
 rates=${E2E_RATES:-"250 500 1000"}
 seconds=${E2E_SECONDS:-20}
 
-cargo build --release --locked -p nops -p nops-bench >&2
-bin=target/release
+if [[ -n "${E2E_BIN_DIR:-}" ]]; then
+    bin=$E2E_BIN_DIR
+else
+    cargo build --release --locked -p nops -p nops-bench >&2
+    bin=target/release
+fi
 work=$(mktemp -d)
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$work"; }
@@ -45,10 +52,13 @@ if [[ -z "$key" ]]; then
     exit 1
 fi
 
+# User + system CPU of the kernel process so far, in clock ticks.
+kernel_cpu_ticks() { awk '{ print $14 + $15 }' "/proc/$kernel_pid/stat"; }
+
 echo "## End to end, $(date -u +%Y-%m-%dT%H:%MZ), $(nproc) cores, $agents agents, ${seconds}s per rate"
 echo
-echo "| rate (tasks/s) | path | succeeded/s | p50 ms | p95 ms | p99 ms | max ms | outcomes |"
-echo "|---|---|---|---|---|---|---|---|"
+echo "| rate (tasks/s) | path | succeeded/s | p50 ms | p95 ms | p99 ms | max ms | submit p50 / p99 ms | kernel CPU µs/task | outcomes |"
+echo "|---|---|---|---|---|---|---|---|---|---|"
 run=0
 for rate in $rates; do
     run=$((run + 1))
@@ -59,20 +69,27 @@ for rate in $rates; do
         # Past registration and warm-up: the measured load only.
         (sleep 6
          top -b -n 3 -d 2 -w 200 >"$E2E_PROFILE_DIR/top-$rate.txt" &
-         perf record -q -F 499 -g -p "$kernel_pid" -o "$E2E_PROFILE_DIR/perf-$rate.data" -- sleep 8 \
+         perf record -q ${E2E_PERF_OPTS:--F 499 -g} -p "$kernel_pid" -o "$E2E_PROFILE_DIR/perf-$rate.data" -- sleep 8 \
              >/dev/null 2>&1 || true
          wait) &
         profiler=$!
     fi
+    cpu_before=$(kernel_cpu_ticks)
     kern=$("$bin/fleet" --kernel "http://127.0.0.1:$port" --key "$key" --agents "$agents" --rate "$rate" \
-        --seconds "$seconds" --run "fleet$run")
+        --seconds "$seconds" --run "fleet$run" ${E2E_SEPARATE_WAIT:+--separate-wait})
+    cpu_ticks=$(( $(kernel_cpu_ticks) - cpu_before ))
     if [[ -n "${E2E_PROFILE_DIR:-}" ]]; then wait "$profiler" || true; fi
     for row in "$base" "$kern"; do
-        python3 - "$rate" "$row" <<'EOF'
+        python3 - "$rate" "$row" "$cpu_ticks" "$(getconf CLK_TCK)" <<'EOF'
 import json, sys
-rate, r = sys.argv[1], json.loads(sys.argv[2])
+rate, r, ticks, hz = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+# Everything the kernel process spent (user + system) during the fleet's run, registrations
+# and warm-up included, per task submitted.
+submitted = r.get("submitted") or r["rate_per_s"] * (r["measured_s"] + 3)
+cpu = "—" if r["mode"] == "baseline" else f"{ticks / hz * 1e6 / submitted:.0f}"
 outcomes = ", ".join(f"{k} {v}" for k, v in sorted(r["outcomes"].items()))
-print(f"| {rate} | {r['mode']} | {r['succeeded_per_s']:.0f} | {r['p50_ms']:.2f} | {r['p95_ms']:.2f} | {r['p99_ms']:.2f} | {r['max_ms']:.1f} | {outcomes} |")
+submit = "—" if r.get("submit_p99_ms") is None else f"{r['submit_p50_ms']:.2f} / {r['submit_p99_ms']:.2f}"
+print(f"| {rate} | {r['mode']} | {r['succeeded_per_s']:.0f} | {r['p50_ms']:.2f} | {r['p95_ms']:.2f} | {r['p99_ms']:.2f} | {r['max_ms']:.1f} | {submit} | {cpu} | {outcomes} |")
 EOF
     done
 done

@@ -5,9 +5,10 @@
 //! URL as its endpoint, so the kernel pushes attempts to it over real sockets. Some agents
 //! can be made slow, failing or vanishing (they stop heartbeating and never answer again).
 //! The driver submits tasks open-loop at a fixed rate (a late submission is not skipped, so
-//! queueing shows in the figures rather than hiding them) and waits for each to finish with
-//! `GET /api/v1/tasks/{id}?wait_ms=…`. The latency of a task is from its submission to the
-//! answer that shows it finished. `--baseline` runs the same driver against a bare echo
+//! queueing shows in the figures rather than hiding them) and waits for each to finish: in
+//! the submission itself (`POST /api/v1/tasks?wait_ms=…`), or with `--separate-wait` in a
+//! second request (`GET /api/v1/tasks/{id}?wait_ms=…`). The latency of a task is from its
+//! submission to the answer that shows it finished. `--baseline` runs the same driver against a bare echo
 //! endpoint, so the report can give ratios measured in the same run.
 //!
 //! Prints one JSON object: counts by final status, throughput, latency quantiles.
@@ -81,6 +82,10 @@ struct Args {
     /// A name for this run's agents (unique per kernel).
     #[arg(long, default_value = "fleet")]
     run: String,
+    /// Submit, then wait with a second request (`GET /api/v1/tasks/{id}?wait_ms=…`), instead
+    /// of submitting with `?wait_ms=…` (one request per task).
+    #[arg(long)]
+    separate_wait: bool,
 }
 
 /// How one simulated agent behaves.
@@ -257,6 +262,9 @@ async fn main() -> anyhow::Result<()> {
     let period = Duration::from_secs_f64(1.0 / args.rate.max(1) as f64);
     let permits = Arc::new(tokio::sync::Semaphore::new(args.in_flight_max));
     let latencies = Arc::new(Mutex::new(Vec::<u64>::with_capacity(usize::try_from(total).unwrap_or(0))));
+    // How long the submission alone took (its answer), per measured task: separates the
+    // write path's tail from dispatch's and the wait's.
+    let submits = Arc::new(Mutex::new(Vec::<u64>::with_capacity(usize::try_from(total).unwrap_or(0))));
     let outcomes = Arc::new(Mutex::new(std::collections::BTreeMap::<String, u64>::new()));
     let load_started = Instant::now();
     let mut measured_started = load_started;
@@ -269,11 +277,14 @@ async fn main() -> anyhow::Result<()> {
         }
         let permit = permits.clone().acquire_owned().await?;
         let (http, auth, latencies, outcomes) = (http.clone(), auth.clone(), latencies.clone(), outcomes.clone());
+        let submits = submits.clone();
         let (kernel, baseline, measured, run) = (args.kernel.clone(), args.baseline, n >= warmup, args.run.clone());
+        let separate_wait = args.separate_wait;
         let (timeout, attempts) = (args.attempt_timeout_ms, args.attempts_max);
         handles.push(tokio::spawn(async move {
             let _permit = permit;
             let submitted = Instant::now();
+            let mut submit_us = None;
             let outcome = if baseline {
                 let url = format!("http://{agents_addr}/agents/0");
                 match http.post(url).json(&json!({ "input": { "n": n } })).send().await {
@@ -282,11 +293,15 @@ async fn main() -> anyhow::Result<()> {
                     Err(_) => "transport_error".to_string(),
                 }
             } else {
-                run_task(&http, &kernel, &auth, &run, n, timeout, attempts).await
+                let task = TaskSpec { run: &run, n, timeout_ms: timeout, attempts, separate_wait };
+                run_task(&http, &kernel, &auth, &task, &mut submit_us).await
             };
             let elapsed = u64::try_from(submitted.elapsed().as_micros()).unwrap_or(u64::MAX);
             if measured {
                 latencies.lock().await.push(elapsed);
+                if let Some(us) = submit_us {
+                    submits.lock().await.push(us);
+                }
                 *outcomes.lock().await.entry(outcome).or_default() += 1;
             }
         }));
@@ -296,16 +311,21 @@ async fn main() -> anyhow::Result<()> {
     }
     let measured_for = measured_started.elapsed();
     stop.store(true, Ordering::Release);
+    // Deregister the fleet, so that a later run on this kernel routes over its own agents only.
+    deregister(&http, &args.kernel, &auth, &ids).await;
 
     let mut latencies = std::mem::take(&mut *latencies.lock().await);
     latencies.sort_unstable();
-    let quantile = |q: f64| -> f64 {
-        if latencies.is_empty() {
+    let mut submits = std::mem::take(&mut *submits.lock().await);
+    submits.sort_unstable();
+    let quantile_of = |sorted: &[u64], q: f64| -> f64 {
+        if sorted.is_empty() {
             return f64::NAN;
         }
-        let rank = ((q * latencies.len() as f64).ceil() as usize).clamp(1, latencies.len());
-        latencies[rank - 1] as f64 / 1000.0
+        let rank = ((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
+        sorted[rank - 1] as f64 / 1000.0
     };
+    let quantile = |q: f64| quantile_of(&latencies, q);
     let outcomes = outcomes.lock().await.clone();
     let succeeded = outcomes.get("succeeded").copied().unwrap_or(0);
     let report = json!({
@@ -315,45 +335,62 @@ async fn main() -> anyhow::Result<()> {
         "registered_in_s": registered_in.as_secs_f64(),
         "measured_s": measured_for.as_secs_f64(),
         "tasks": latencies.len(),
+        "submitted": total,
         "outcomes": outcomes,
         "succeeded_per_s": succeeded as f64 / measured_for.as_secs_f64().max(1e-9),
         "p50_ms": quantile(0.50),
         "p95_ms": quantile(0.95),
         "p99_ms": quantile(0.99),
         "max_ms": quantile(1.0),
+        "submit_p50_ms": quantile_of(&submits, 0.50),
+        "submit_p99_ms": quantile_of(&submits, 0.99),
         "agent_answers": fleet.answered.load(Ordering::Relaxed),
     });
     println!("{report}");
     Ok(())
 }
 
+/// One task the driver submits.
+struct TaskSpec<'a> {
+    run: &'a str,
+    n: u64,
+    timeout_ms: u64,
+    attempts: u32,
+    separate_wait: bool,
+}
+
 /// Submits one task and waits for it to finish; returns its final status (or what failed).
+/// `submit_us` gets how long the submission's answer took.
 async fn run_task(
     http: &reqwest::Client,
     kernel: &str,
     auth: &str,
-    run: &str,
-    n: u64,
-    timeout_ms: u64,
-    attempts: u32,
+    task: &TaskSpec<'_>,
+    submit_us: &mut Option<u64>,
 ) -> String {
-    // Only this run's agents: earlier runs' agents linger until their heartbeats go stale.
+    // Only this run's agents.
     let body = json!({
         "capabilities": [{ "name": "fleet.echo", "version": "^1" }],
-        "labels": { "fleet": run },
-        "input": { "n": n },
-        "attempt_timeout_ms": timeout_ms,
-        "attempts_max": attempts,
+        "labels": { "fleet": task.run },
+        "input": { "n": task.n },
+        "attempt_timeout_ms": task.timeout_ms,
+        "attempts_max": task.attempts,
     });
-    let submitted =
-        match http.post(format!("{kernel}/api/v1/tasks")).header("authorization", auth).json(&body).send().await {
-            Ok(r) => r,
-            Err(_) => return "submit_transport_error".into(),
-        };
+    let url = if task.separate_wait {
+        format!("{kernel}/api/v1/tasks")
+    } else {
+        format!("{kernel}/api/v1/tasks?wait_ms=5000")
+    };
+    let started = Instant::now();
+    let submitted = match http.post(url).header("authorization", auth).json(&body).send().await {
+        Ok(r) => r,
+        Err(_) => return "submit_transport_error".into(),
+    };
     if !submitted.status().is_success() {
         return refused("submit", submitted).await;
     }
     let Ok(task) = submitted.json::<Value>().await else { return "submit_bad_json".into() };
+    *submit_us = u64::try_from(started.elapsed().as_micros()).ok();
     let Some(id) = task["id"].as_str().map(str::to_string) else { return "submit_no_id".into() };
     if let Some(status) = final_status(&task) {
         return status;
@@ -378,6 +415,28 @@ async fn run_task(
         }
     }
     "never_finished".into()
+}
+
+/// Deletes the fleet's agents, 32 at a time; failures are ignored (the kernel's TTL removes
+/// what is left).
+async fn deregister(http: &reqwest::Client, kernel: &str, auth: &str, ids: &[String]) {
+    let next = Arc::new(AtomicU64::new(0));
+    let ids: Arc<[String]> = ids.into();
+    let mut workers = Vec::new();
+    for _ in 0..32 {
+        let (http, auth, kernel, ids, next) =
+            (http.clone(), auth.to_string(), kernel.to_string(), ids.clone(), next.clone());
+        workers.push(tokio::spawn(async move {
+            loop {
+                let i = usize::try_from(next.fetch_add(1, Ordering::AcqRel)).unwrap_or(usize::MAX);
+                let Some(id) = ids.get(i) else { return };
+                let _ = http.delete(format!("{kernel}/api/v1/agents/{id}")).header("authorization", &auth).send().await;
+            }
+        }));
+    }
+    for worker in workers {
+        let _ = worker.await;
+    }
 }
 
 /// `<step>_http_<status>_<code>`: which refusal answered (the `code` of the error envelope).
