@@ -350,11 +350,8 @@ pub trait TaskStore: Send + Sync + 'static {
         after: Option<Uuid>,
         limit: u32,
     ) -> Result<Vec<crate::dispatch::TaskRecord>, StoreError>;
-    /// A task's attempts, oldest first.
-    async fn list_attempts(&self, task: Uuid) -> Result<Vec<crate::dispatch::AttemptRecord>, StoreError>;
     /// The task with this id in `tenant` (any tenant when `None`) and its attempts, oldest
-    /// first, read together (one statement): what [`TaskStore::get_task`] and
-    /// [`TaskStore::list_attempts`] answer, as of one moment.
+    /// first, read together (one statement), as of one moment.
     async fn get_task_with_attempts(
         &self,
         tenant: Option<&TenantId>,

@@ -713,16 +713,6 @@ impl TaskStore for SqlStore {
         rows.into_iter().map(TaskRecord::try_from).collect()
     }
 
-    async fn list_attempts(&self, task: Uuid) -> Result<Vec<AttemptRecord>, StoreError> {
-        let sql = format!("SELECT {ATTEMPT_COLUMNS} FROM task_attempts WHERE task_id = $1 ORDER BY attempt");
-        let rows: Vec<AttemptRow> = self
-            .retrying("list_attempts", || async {
-                with_pool!(self, read, |pool| sqlx::query_as::<_, AttemptRow>(&sql).bind(task).fetch_all(pool).await)
-            })
-            .await?;
-        rows.into_iter().map(AttemptRecord::try_from).collect()
-    }
-
     async fn get_task_with_attempts(
         &self,
         tenant: Option<&TenantId>,

@@ -212,7 +212,6 @@ chaos_delegate!(TaskStore {
     fn insert_task(&self, task: &TaskRecord, active_max: u32) -> () [Some(&task.tenant)];
     fn get_task(&self, tenant: Option<&TenantId>, id: Uuid) -> Option<TaskRecord> [tenant];
     fn list_tasks(&self, tenant: &TenantId, status: Option<TaskStatus>, after: Option<Uuid>, limit: u32) -> Vec<TaskRecord> [Some(tenant)];
-    fn list_attempts(&self, task: Uuid) -> Vec<AttemptRecord> [None];
     fn get_task_with_attempts(&self, tenant: Option<&TenantId>, id: Uuid) -> Option<(TaskRecord, Vec<AttemptRecord>)> [tenant];
     fn get_attempt(&self, task: Uuid, attempt: u32) -> Option<AttemptRecord> [None];
     fn start_attempt(&self, attempt: &AttemptRecord, owner: &str, lease_until_ms: i64, queue_depth_max: u32) -> StartVerdict [Some(&attempt.tenant)];
