@@ -300,6 +300,33 @@ async fn a_pull_agent_long_polls_runs_the_task_and_reports_its_result() {
 }
 
 #[tokio::test]
+async fn a_task_for_a_pull_agent_whose_queue_is_full_goes_to_another_agent() {
+    for backend in crate::support::backends() {
+        let db = crate::support::TestDb::new(backend).await;
+        let path = db.dir.path().join("dispatch.toml");
+        std::fs::write(&path, "[dispatch]\nqueue_depth_max = 1\n").expect("write config");
+        let k = TestKernel::start_with(backend, db, |args| args.config = Some(path)).await;
+        let full = register(&k, "full-puller", None).await;
+        let first = submit(&k, json!({ "input": { "n": 1 } })).await;
+        // The only agent's queue now holds one attempt, its limit.
+        let other = register(&k, "free-puller", None).await;
+        let second = submit(&k, json!({ "input": { "n": 2 } })).await;
+        let pull = |agent: String| {
+            let k = &k;
+            async move {
+                let key = agent_key(k, &agent).await;
+                let next = format!("/api/v1/agents/{agent}/tasks/next?wait_ms=10000");
+                let (status, work) = as_key(k, &key, None, "GET", &next, None).await;
+                assert_eq!(status, StatusCode::OK, "{:?}: {work}", k.backend);
+                work["task_id"].as_str().expect("a task").to_string()
+            }
+        };
+        assert_eq!(pull(other).await, second, "{:?}: the second task went to the agent with room", k.backend);
+        assert_eq!(pull(full).await, first, "{:?}: the first task stayed queued where it was", k.backend);
+    }
+}
+
+#[tokio::test]
 async fn a_failed_attempt_is_retried_on_another_agent() {
     for k in TestKernel::all().await {
         // Whichever agent gets the first attempt fails it; the retry must go to the other.

@@ -372,6 +372,21 @@ pub trait TaskStore: Send + Sync + 'static {
         lease_until_ms: i64,
         queue_depth_max: u32,
     ) -> Result<crate::dispatch::StartVerdict, StoreError>;
+    /// Inserts a new task together with its first attempt, already started, in one
+    /// transaction: [`TaskStore::insert_task`] and then [`TaskStore::start_attempt`] without a
+    /// commit between them. `task` is stored as given: running on `attempt`, owned by this
+    /// kernel and leased. When `attempt` is a pull attempt not yet delivered and its agent's
+    /// queue holds `queue_depth_max` attempts, the task is stored queued with no attempt
+    /// (attempt 0) and the answer is [`crate::dispatch::StartVerdict::QueueFull`]. Fails
+    /// with [`StoreError::LimitExceeded`] (nothing written) when the tenant already has
+    /// `active_max` queued or running tasks.
+    async fn insert_task_started(
+        &self,
+        task: &crate::dispatch::TaskRecord,
+        attempt: &crate::dispatch::AttemptRecord,
+        active_max: u32,
+        queue_depth_max: u32,
+    ) -> Result<crate::dispatch::StartVerdict, StoreError>;
     /// Records the end of an attempt if it is the first for the task's current, unfinished
     /// attempt (a success finishes the task with its output, in the same transaction). A late
     /// answer of the agent (superseded attempt, finished task) marks the attempt `late` and

@@ -238,6 +238,7 @@ struct FinishState {
 }
 
 /// A new `tasks` row, its values ready to bind.
+#[derive(Clone)]
 struct NewTaskRow {
     id: Uuid,
     tenant: String,
@@ -249,6 +250,7 @@ struct NewTaskRow {
     deadline_at_ms: i64,
     attempt: i64,
     created_at_ms: i64,
+    updated_at_ms: i64,
     owner: Option<String>,
     lease_until_ms: i64,
     active_max: i64,
@@ -273,15 +275,24 @@ struct FinishRow {
 /// verdict, and each writes nothing it does not keep, so several commit as one transaction.
 enum TaskWrite {
     Insert(Box<NewTaskRow>),
+    /// A new task (running on its first attempt) and that attempt.
+    InsertStarted(Box<(NewTaskRow, StartRow)>),
     Start(Box<StartRow>),
     Finish(Box<FinishRow>),
-    Fail { id: Uuid, owner: String, error: String, at_ms: i64 },
+    Fail {
+        id: Uuid,
+        owner: String,
+        error: String,
+        at_ms: i64,
+    },
 }
 
 /// What a [`TaskWrite`] did.
 enum TaskWritten {
     /// `false`: the tenant is at its limit of unfinished tasks.
     Inserted(bool),
+    /// `None`: the tenant is at its limit of unfinished tasks (nothing written).
+    InsertedStarted(Option<StartVerdict>),
     Started(StartVerdict),
     /// With the task's and the attempt's rows as written, when accepted.
     Finished(Verdict, Option<Box<(TaskRow, AttemptRow)>>),
@@ -319,9 +330,118 @@ impl TaskWriteQueue {
     }
 }
 
+/// A task refused because its tenant has `active_max` unfinished tasks.
+fn limit_exceeded(active_max: u32) -> StoreError {
+    StoreError::LimitExceeded(format!("the tenant already has {active_max} unfinished tasks"))
+}
+
+impl NewTaskRow {
+    /// `task`'s row, under the tenant limit `active_max`.
+    fn new(task: &TaskRecord, active_max: u32) -> Result<Self, StoreError> {
+        Ok(Self {
+            id: task.id,
+            tenant: task.tenant.as_str().to_string(),
+            status: task.status.as_str(),
+            request: serde_json::to_string(&task.request).map_err(|e| corrupt("task request", e))?,
+            input: serde_json::to_string(&task.input).map_err(|e| corrupt("task input", e))?,
+            attempt_timeout_ms: i64::try_from(task.attempt_timeout_ms).unwrap_or(i64::MAX),
+            attempts_max: i64::from(task.attempts_max),
+            deadline_at_ms: task.deadline_at_ms,
+            attempt: i64::from(task.attempt),
+            created_at_ms: task.created_at_ms,
+            updated_at_ms: task.updated_at_ms,
+            owner: task.owner.clone(),
+            lease_until_ms: task.lease_until_ms,
+            active_max: i64::from(active_max),
+        })
+    }
+}
+
 /// A write answered with another write's verdict: a bug, reported rather than unwrapped.
 fn mismatched(what: &str) -> StoreError {
     StoreError::Corrupt(format!("{what}: the store answered another kind of write"))
+}
+
+/// Inserts the task `$t` (a [`NewTaskRow`]) unless its tenant is at `active_max` unfinished
+/// tasks; whether it did.
+macro_rules! insert_task_row {
+    ($conn:expr, $t:expr) => {
+        async {
+            let (conn, t) = ($conn, $t);
+            let inserted = sqlx::query(
+                "INSERT INTO tasks (id, tenant, status, request, input, attempt_timeout_ms, attempts_max, \
+                 deadline_at_ms, attempt, created_at_ms, updated_at_ms, owner, lease_until_ms) \
+                 SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13 \
+                 WHERE (SELECT COUNT(*) FROM tasks WHERE tenant = $2 AND status IN ('queued', 'running')) < $14",
+            )
+            .bind(t.id)
+            .bind(t.tenant.as_str())
+            .bind(t.status)
+            .bind(t.request.as_str())
+            .bind(t.input.as_str())
+            .bind(t.attempt_timeout_ms)
+            .bind(t.attempts_max)
+            .bind(t.deadline_at_ms)
+            .bind(t.attempt)
+            .bind(t.created_at_ms)
+            .bind(t.updated_at_ms)
+            .bind(t.owner.as_deref())
+            .bind(t.lease_until_ms)
+            .bind(t.active_max)
+            .execute(&mut *conn)
+            .await?
+            .rows_affected();
+            Ok::<bool, sqlx::Error>(inserted == 1)
+        }
+    };
+}
+
+/// Whether the attempt of `$s` (a [`StartRow`]) is a pull attempt to queue and its agent's
+/// queue is full.
+macro_rules! pull_queue_full {
+    ($conn:expr, $s:expr) => {
+        async {
+            let (conn, s) = ($conn, $s);
+            let a = &s.attempt;
+            if a.mode != DeliveryMode::Pull || a.delivered_at_ms.is_some() {
+                return Ok::<bool, sqlx::Error>(false);
+            }
+            let depth: i64 = sqlx::query_scalar(
+                "SELECT COUNT(*) FROM task_attempts \
+                 WHERE agent_id = $1 AND delivered_at_ms IS NULL AND finished_at_ms IS NULL",
+            )
+            .bind(a.agent.0)
+            .fetch_one(&mut *conn)
+            .await?;
+            Ok(depth >= s.queue_depth_max)
+        }
+    };
+}
+
+/// Inserts the attempt `$a` (an [`AttemptRecord`]), unfinished.
+macro_rules! insert_attempt_row {
+    ($conn:expr, $a:expr) => {
+        async {
+            let (conn, a) = ($conn, $a);
+            sqlx::query(
+                "INSERT INTO task_attempts (task_id, attempt, tenant, agent_id, mode, started_at_ms, \
+                 timeout_at_ms, delivered_at_ms, finished_at_ms, outcome, answered, error, late) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, NULL, NULL, $9, NULL, $9)",
+            )
+            .bind(a.task_id)
+            .bind(i64::from(a.attempt))
+            .bind(a.tenant.as_str())
+            .bind(a.agent.0)
+            .bind(a.mode.as_str())
+            .bind(a.started_at_ms)
+            .bind(a.timeout_at_ms)
+            .bind(a.delivered_at_ms)
+            .bind(false)
+            .execute(&mut *conn)
+            .await?;
+            Ok::<(), sqlx::Error>(())
+        }
+    };
 }
 
 /// Applies one [`TaskWrite`] inside the open transaction `$conn` (`&mut` a SQLite or
@@ -332,48 +452,25 @@ macro_rules! apply_task_write {
         async {
             let conn = $conn;
             let written = match $write {
-                TaskWrite::Insert(t) => {
-                    let inserted = sqlx::query(
-                        "INSERT INTO tasks (id, tenant, status, request, input, attempt_timeout_ms, attempts_max, \
-                         deadline_at_ms, attempt, created_at_ms, updated_at_ms, owner, lease_until_ms) \
-                         SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $10, $11, $12 \
-                         WHERE (SELECT COUNT(*) FROM tasks WHERE tenant = $2 AND status IN ('queued', 'running')) \
-                         < $13",
-                    )
-                    .bind(t.id)
-                    .bind(t.tenant.as_str())
-                    .bind(t.status)
-                    .bind(t.request.as_str())
-                    .bind(t.input.as_str())
-                    .bind(t.attempt_timeout_ms)
-                    .bind(t.attempts_max)
-                    .bind(t.deadline_at_ms)
-                    .bind(t.attempt)
-                    .bind(t.created_at_ms)
-                    .bind(t.owner.as_deref())
-                    .bind(t.lease_until_ms)
-                    .bind(t.active_max)
-                    .execute(&mut *conn)
-                    .await?
-                    .rows_affected();
-                    TaskWritten::Inserted(inserted == 1)
+                TaskWrite::Insert(t) => TaskWritten::Inserted(insert_task_row!(&mut *conn, &**t).await?),
+                TaskWrite::InsertStarted(both) => {
+                    let (t, s) = &**both;
+                    if pull_queue_full!(&mut *conn, s).await? {
+                        // Stored as it was submitted: queued, no attempt.
+                        let queued =
+                            NewTaskRow { status: "queued", attempt: 0, updated_at_ms: t.created_at_ms, ..t.clone() };
+                        let inserted = insert_task_row!(&mut *conn, &queued).await?;
+                        TaskWritten::InsertedStarted(inserted.then_some(StartVerdict::QueueFull))
+                    } else if insert_task_row!(&mut *conn, t).await? {
+                        insert_attempt_row!(&mut *conn, &s.attempt).await?;
+                        TaskWritten::InsertedStarted(Some(StartVerdict::Started))
+                    } else {
+                        TaskWritten::InsertedStarted(None)
+                    }
                 }
                 TaskWrite::Start(s) => {
                     let a = &s.attempt;
-                    let queued = a.mode == DeliveryMode::Pull && a.delivered_at_ms.is_none();
-                    let full = if queued {
-                        let depth: i64 = sqlx::query_scalar(
-                            "SELECT COUNT(*) FROM task_attempts \
-                             WHERE agent_id = $1 AND delivered_at_ms IS NULL AND finished_at_ms IS NULL",
-                        )
-                        .bind(a.agent.0)
-                        .fetch_one(&mut *conn)
-                        .await?;
-                        depth >= s.queue_depth_max
-                    } else {
-                        false
-                    };
-                    if full {
+                    if pull_queue_full!(&mut *conn, &**s).await? {
                         // Nothing is written; the verdict says whether the task is still ours.
                         let ours: Option<i64> = sqlx::query_scalar(
                             "SELECT attempt FROM tasks WHERE id = $1 AND owner = $2 AND attempt < $3 \
@@ -401,22 +498,7 @@ macro_rules! apply_task_write {
                         .await?
                         .rows_affected();
                         if moved == 1 {
-                            sqlx::query(
-                                "INSERT INTO task_attempts (task_id, attempt, tenant, agent_id, mode, started_at_ms, \
-                                 timeout_at_ms, delivered_at_ms, finished_at_ms, outcome, answered, error, late) \
-                                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, NULL, NULL, $9, NULL, $9)",
-                            )
-                            .bind(a.task_id)
-                            .bind(i64::from(a.attempt))
-                            .bind(a.tenant.as_str())
-                            .bind(a.agent.0)
-                            .bind(a.mode.as_str())
-                            .bind(a.started_at_ms)
-                            .bind(a.timeout_at_ms)
-                            .bind(a.delivered_at_ms)
-                            .bind(false)
-                            .execute(&mut *conn)
-                            .await?;
+                            insert_attempt_row!(&mut *conn, a).await?;
                             TaskWritten::Started(StartVerdict::Started)
                         } else {
                             TaskWritten::Started(StartVerdict::Lost)
@@ -652,27 +734,32 @@ async fn commit_task_writes(pool: &SqlitePool, held: &mut Option<PoolConnection<
 #[async_trait]
 impl TaskStore for SqlStore {
     async fn insert_task(&self, task: &TaskRecord, active_max: u32) -> Result<(), StoreError> {
-        let write = TaskWrite::Insert(Box::new(NewTaskRow {
-            id: task.id,
-            tenant: task.tenant.as_str().to_string(),
-            status: task.status.as_str(),
-            request: serde_json::to_string(&task.request).map_err(|e| corrupt("task request", e))?,
-            input: serde_json::to_string(&task.input).map_err(|e| corrupt("task input", e))?,
-            attempt_timeout_ms: i64::try_from(task.attempt_timeout_ms).unwrap_or(i64::MAX),
-            attempts_max: i64::from(task.attempts_max),
-            deadline_at_ms: task.deadline_at_ms,
-            attempt: i64::from(task.attempt),
-            created_at_ms: task.created_at_ms,
-            owner: task.owner.clone(),
-            lease_until_ms: task.lease_until_ms,
-            active_max: i64::from(active_max),
-        }));
+        let write = TaskWrite::Insert(Box::new(NewTaskRow::new(task, active_max)?));
         match self.write_task("insert_task", write).await? {
             TaskWritten::Inserted(true) => Ok(()),
-            TaskWritten::Inserted(false) => {
-                Err(StoreError::LimitExceeded(format!("the tenant already has {active_max} unfinished tasks")))
-            }
+            TaskWritten::Inserted(false) => Err(limit_exceeded(active_max)),
             _ => Err(mismatched("insert_task")),
+        }
+    }
+
+    async fn insert_task_started(
+        &self,
+        task: &TaskRecord,
+        attempt: &AttemptRecord,
+        active_max: u32,
+        queue_depth_max: u32,
+    ) -> Result<StartVerdict, StoreError> {
+        let start = StartRow {
+            attempt: attempt.clone(),
+            owner: task.owner.clone().unwrap_or_default(),
+            lease_until_ms: task.lease_until_ms,
+            queue_depth_max: i64::from(queue_depth_max),
+        };
+        let write = TaskWrite::InsertStarted(Box::new((NewTaskRow::new(task, active_max)?, start)));
+        match self.write_task("insert_task_started", write).await? {
+            TaskWritten::InsertedStarted(Some(verdict)) => Ok(verdict),
+            TaskWritten::InsertedStarted(None) => Err(limit_exceeded(active_max)),
+            _ => Err(mismatched("insert_task_started")),
         }
     }
 
@@ -1068,6 +1155,86 @@ mod tests {
         assert_eq!(insert_at_once(&store, 200, Some((100, taken)), 1_000).await, (199, 0, 1));
         // The tenant limit counts every write committed before, in the same group or not.
         assert_eq!(insert_at_once(&store, 100, None, 250).await, (50, 50, 0));
+    }
+
+    /// Attempt 1 of `task` on a new agent, as a driver would start it.
+    fn first_attempt(task: &TaskRecord, mode: DeliveryMode) -> AttemptRecord {
+        AttemptRecord {
+            task_id: task.id,
+            attempt: 1,
+            tenant: task.tenant.clone(),
+            agent: AgentId(Uuid::now_v7()),
+            mode,
+            started_at_ms: 2,
+            timeout_at_ms: 1_002,
+            delivered_at_ms: (mode == DeliveryMode::Push).then_some(2),
+            finished_at_ms: None,
+            outcome: None,
+            answered: false,
+            error: None,
+            late: false,
+        }
+    }
+
+    /// `task`, as stored running on its first attempt.
+    fn running(task: TaskRecord) -> TaskRecord {
+        TaskRecord { status: TaskStatus::Running, attempt: 1, updated_at_ms: 2, ..task }
+    }
+
+    #[tokio::test]
+    async fn a_task_stored_with_its_first_attempt_reads_back_running_on_it() {
+        let (_dir, store) = sqlite().await;
+        let task = running(task(Uuid::now_v7()));
+        let attempt = first_attempt(&task, DeliveryMode::Push);
+        let verdict = store.insert_task_started(&task, &attempt, 10, 10).await.expect("stores");
+        assert_eq!(verdict, StartVerdict::Started);
+        let (stored, attempts) = store.get_task_with_attempts(None, task.id).await.expect("reads").expect("exists");
+        assert_eq!(stored, task, "the task is stored as given");
+        assert_eq!(attempts, vec![attempt.clone()], "with its first attempt");
+        // The attempt is the task's current one: its answer finishes the task, and a second
+        // start of attempt 1 loses.
+        assert_eq!(store.start_attempt(&attempt, "kernel-a", 10, 10).await.expect("start"), StartVerdict::Lost);
+        let report = AttemptReport {
+            task_id: task.id,
+            attempt: 1,
+            tenant: task.tenant.clone(),
+            agent: attempt.agent,
+            result: Reported::Output(serde_json::json!("done")),
+            answered: true,
+            at_ms: 3,
+        };
+        assert_eq!(store.finish_attempt(&report).await.expect("finish"), Verdict::Accepted);
+        let done = store.get_task(None, task.id).await.expect("reads").expect("exists");
+        assert_eq!((done.status, done.output), (TaskStatus::Succeeded, Some(serde_json::json!("done"))));
+    }
+
+    #[tokio::test]
+    async fn a_task_with_its_first_attempt_over_the_tenant_limit_writes_nothing() {
+        let (_dir, store) = sqlite().await;
+        store.insert_task(&task(Uuid::now_v7()), 1).await.expect("first task");
+        let task = running(task(Uuid::now_v7()));
+        let attempt = first_attempt(&task, DeliveryMode::Push);
+        let refused = store.insert_task_started(&task, &attempt, 1, 10).await;
+        assert!(matches!(refused, Err(StoreError::LimitExceeded(_))), "{refused:?}");
+        assert!(store.get_task_with_attempts(None, task.id).await.expect("reads").is_none(), "nothing stored");
+        assert!(store.get_attempt(task.id, 1).await.expect("reads").is_none(), "no attempt stored");
+    }
+
+    #[tokio::test]
+    async fn a_task_whose_pull_agent_is_full_is_stored_queued_without_an_attempt() {
+        let (_dir, store) = sqlite().await;
+        // The agent's queue holds one undelivered attempt: its limit of 1 is reached.
+        let earlier = running(task(Uuid::now_v7()));
+        let queued = first_attempt(&earlier, DeliveryMode::Pull);
+        assert_eq!(store.insert_task_started(&earlier, &queued, 10, 1).await.expect("stores"), StartVerdict::Started);
+        let submitted = task(Uuid::now_v7());
+        let task = running(submitted.clone());
+        let attempt = AttemptRecord { agent: queued.agent, ..first_attempt(&task, DeliveryMode::Pull) };
+        let verdict = store.insert_task_started(&task, &attempt, 10, 1).await.expect("stores");
+        assert_eq!(verdict, StartVerdict::QueueFull);
+        let (stored, attempts) = store.get_task_with_attempts(None, task.id).await.expect("reads").expect("exists");
+        assert_eq!(stored, submitted, "stored as submitted: queued, no attempt");
+        assert!(attempts.is_empty(), "{attempts:?}");
     }
 
     #[tokio::test]

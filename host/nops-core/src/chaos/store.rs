@@ -215,6 +215,7 @@ chaos_delegate!(TaskStore {
     fn get_task_with_attempts(&self, tenant: Option<&TenantId>, id: Uuid) -> Option<(TaskRecord, Vec<AttemptRecord>)> [tenant];
     fn get_attempt(&self, task: Uuid, attempt: u32) -> Option<AttemptRecord> [None];
     fn start_attempt(&self, attempt: &AttemptRecord, owner: &str, lease_until_ms: i64, queue_depth_max: u32) -> StartVerdict [Some(&attempt.tenant)];
+    fn insert_task_started(&self, task: &TaskRecord, attempt: &AttemptRecord, active_max: u32, queue_depth_max: u32) -> StartVerdict [Some(&task.tenant)];
     fn finish_attempt(&self, report: &AttemptReport) -> Verdict [Some(&report.tenant)];
     fn finish_attempt_recorded(&self, report: &AttemptReport) -> (Verdict, Option<Box<RecordedEnd>>) [Some(&report.tenant)];
     fn fail_task(&self, id: Uuid, owner: &str, error: &str, at_ms: i64) -> bool [None];

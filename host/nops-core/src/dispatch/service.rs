@@ -70,6 +70,14 @@ struct TaskWaiters {
     finished: std::sync::OnceLock<TaskView>,
 }
 
+/// What a driver knows of a task this kernel has just stored, saving its first read.
+struct Fresh {
+    /// The task as submitted: queued, no attempt.
+    task: TaskRecord,
+    /// Its first attempt's agent and record, when it was stored started with the task.
+    started: Option<(RoutedAgent, AttemptRecord)>,
+}
+
 /// How one attempt went, for the driver.
 enum Step {
     /// The task succeeded (with the rows the store wrote, when it answered them).
@@ -234,17 +242,65 @@ impl TaskService {
             owner: permit.as_ref().map(|_| self.owner.clone()),
             lease_until_ms: if permit.is_some() { self.lease_until(now) } else { 0 },
         };
-        self.store.insert_task(&task, cfg.tenant_active_tasks_max).await.map_err(|err| match err {
+        let limited = |err| match err {
             StoreError::LimitExceeded(message) => CoreError::LimitExceeded { message: message.into() },
             other => other.into(),
-        })?;
+        };
+        // With a driver slot and no chaos toggle on, the first attempt is placed now and
+        // stored with the task in one write, a commit fewer per task. Otherwise (or when no
+        // agent qualifies, or routing fails) the task is stored alone and its driver places it.
+        let placed = match &permit {
+            Some(_) if !self.chaos.any_on() => self.place_first(&task).await,
+            _ => None,
+        };
+        let (view, started) = match placed {
+            Some((agent, record)) => {
+                let stored = TaskRecord {
+                    status: TaskStatus::Running,
+                    attempt: record.attempt,
+                    updated_at_ms: record.started_at_ms,
+                    ..task.clone()
+                };
+                let verdict = self
+                    .store
+                    .insert_task_started(&stored, &record, cfg.tenant_active_tasks_max, cfg.queue_depth_max)
+                    .await
+                    .map_err(limited)?;
+                match verdict {
+                    StartVerdict::Started => (TaskView::summary(stored), Some((agent, record))),
+                    // Stored queued with no attempt: the driver places it elsewhere.
+                    StartVerdict::QueueFull | StartVerdict::Lost => (TaskView::summary(task.clone()), None),
+                }
+            }
+            None => {
+                self.store.insert_task(&task, cfg.tenant_active_tasks_max).await.map_err(limited)?;
+                (TaskView::summary(task.clone()), None)
+            }
+        };
         tracing::info!(task_id = %task.id, tenant = %tenant, "task submitted");
-        let view = TaskView::summary(task.clone());
         if let Some(permit) = permit {
-            // Just stored, with no attempt: the driver starts from this record, not a read.
-            self.spawn_driver(task.id, permit, Some(task));
+            // Just stored: the driver starts from this record, not a read.
+            self.spawn_driver(task.id, permit, Some(Fresh { task, started }));
         }
         Ok(view)
+    }
+
+    /// The first attempt of a new `task` (queued, no attempt yet): its agent and the
+    /// attempt's record. `None` when no agent qualifies or routing failed: the driver then
+    /// tries, and reports, as for any later attempt.
+    async fn place_first(&self, task: &TaskRecord) -> Option<(RoutedAgent, AttemptRecord)> {
+        let agent = match self.placement.place(&task.tenant, &task.request, &|_| false).await {
+            Ok(agent) => agent?,
+            Err(err) => {
+                tracing::debug!(task_id = %task.id, error = %err, "placing at submission failed; the driver retries");
+                return None;
+            }
+        };
+        let now = self.clock.now_ms();
+        let left_ms = u64::try_from(task.deadline_at_ms.saturating_sub(now)).unwrap_or(0);
+        let timeout = Duration::from_millis(task.attempt_timeout_ms.min(left_ms));
+        let record = self.attempt_record(task, &agent, 1, timeout, None);
+        Some((agent, record))
     }
 
     /// The task with its attempts, if it belongs to `tenant`.
@@ -491,10 +547,10 @@ impl TaskService {
         }
     }
 
-    /// Drives task `id` here; `fresh` is its record when it was just stored by this kernel
-    /// (no attempt yet), saving the first read.
-    fn spawn_driver(self: &Arc<Self>, id: Uuid, permit: OwnedSemaphorePermit, fresh: Option<TaskRecord>) {
-        let tenant = fresh.as_ref().map(|task| task.tenant.clone());
+    /// Drives task `id` here; `fresh` is what this kernel just stored of it (the task, and
+    /// its first attempt when that was stored with it), saving the first read.
+    fn spawn_driver(self: &Arc<Self>, id: Uuid, permit: OwnedSemaphorePermit, fresh: Option<Fresh>) {
+        let tenant = fresh.as_ref().map(|fresh| fresh.task.tenant.clone());
         if self.driving.insert(id, tenant).is_some() {
             return;
         }
@@ -534,15 +590,18 @@ impl TaskService {
     }
 
     /// Runs a task's attempts until it succeeds, fails, or is no longer ours. `fresh`: the
-    /// task as this kernel just stored it (no attempts); otherwise it is read from the store.
-    /// Returns the task's and its only attempt's rows as stored when it succeeded at its
-    /// first attempt here (the whole task, known without a read).
-    async fn drive(self: &Arc<Self>, id: Uuid, fresh: Option<TaskRecord>) -> CoreResult<Option<Box<RecordedEnd>>> {
-        let (task, attempts) = match fresh {
-            Some(task) => (task, Vec::new()),
+    /// task as this kernel just stored it (with its first attempt, when that was stored with
+    /// it); otherwise it is read from the store. Returns the task's and its only attempt's
+    /// rows as stored when it succeeded at its first attempt here (the whole task, known
+    /// without a read).
+    async fn drive(self: &Arc<Self>, id: Uuid, fresh: Option<Fresh>) -> CoreResult<Option<Box<RecordedEnd>>> {
+        let (task, attempts, mut started) = match fresh {
+            Some(Fresh { task, started }) => (task, Vec::new(), started),
             None => {
-                let Some(read) = self.store.get_task_with_attempts(None, id).await? else { return Ok(None) };
-                read
+                let Some((task, attempts)) = self.store.get_task_with_attempts(None, id).await? else {
+                    return Ok(None);
+                };
+                (task, attempts, None)
             }
         };
         if task.status.is_final() || task.owner.as_deref() != Some(self.owner.as_str()) {
@@ -584,6 +643,23 @@ impl TaskService {
                 if Instant::now() >= deadline {
                     continue;
                 }
+            }
+            if let Some((agent, record)) = started.take() {
+                // Placed and started at submission, stored with the task.
+                tried.insert(agent.id);
+                let timeout = Duration::from_millis(
+                    u64::try_from(record.timeout_at_ms.saturating_sub(record.started_at_ms)).unwrap_or(0),
+                );
+                match self.run_attempt(&task, &agent, &record, timeout, None).await? {
+                    Step::Done(recorded) => return Ok(recorded),
+                    Step::Failed(error) => {
+                        made += 1;
+                        last_error = Some(error);
+                    }
+                    // Only a start can be refused, and this one was accepted.
+                    Step::QueueFull | Step::Lost => return Ok(None),
+                }
+                continue;
             }
             let skip = |agent: AgentId| tried.contains(&agent);
             let Some(agent) = self.placement.place(&task.tenant, &task.request, &skip).await? else {
@@ -654,12 +730,31 @@ impl TaskService {
         let timeout =
             Duration::from_millis(task.attempt_timeout_ms).min(deadline.saturating_duration_since(Instant::now()));
         let injected = self.chaos.inject(ChaosTarget::Dispatch, &task.tenant).await;
+        let record = self.attempt_record(task, agent, number, timeout, injected);
+        let lease_until_ms = self.lease_until(record.started_at_ms);
+        match self.store.start_attempt(&record, &self.owner, lease_until_ms, self.config.queue_depth_max).await? {
+            StartVerdict::Started => {}
+            StartVerdict::QueueFull => return Ok(Step::QueueFull),
+            StartVerdict::Lost => return Ok(Step::Lost),
+        }
+        self.run_attempt(task, agent, &record, timeout, injected).await
+    }
+
+    /// The record of attempt `number` of `task` on `agent`, starting now.
+    fn attempt_record(
+        &self,
+        task: &TaskRecord,
+        agent: &RoutedAgent,
+        number: u32,
+        timeout: Duration,
+        injected: Option<Injected>,
+    ) -> AttemptRecord {
         let mode = if agent.endpoint.is_some() { DeliveryMode::Push } else { DeliveryMode::Pull };
         let now = self.clock.now_ms();
         // A dropped attempt is never handed to anyone: marking it delivered keeps it out of
         // the pull queue.
         let delivered = (mode == DeliveryMode::Push || injected == Some(Injected::Drop)).then_some(now);
-        let record = AttemptRecord {
+        AttemptRecord {
             task_id: task.id,
             attempt: number,
             tenant: task.tenant.clone(),
@@ -673,13 +768,20 @@ impl TaskService {
             answered: false,
             error: None,
             late: false,
-        };
-        match self.store.start_attempt(&record, &self.owner, self.lease_until(now), self.config.queue_depth_max).await?
-        {
-            StartVerdict::Started => {}
-            StartVerdict::QueueFull => return Ok(Step::QueueFull),
-            StartVerdict::Lost => return Ok(Step::Lost),
         }
+    }
+
+    /// Runs an attempt the store has started: delivers it (or applies the chaos fault drawn
+    /// for it) and waits for its end until `timeout`.
+    async fn run_attempt(
+        self: &Arc<Self>,
+        task: &TaskRecord,
+        agent: &RoutedAgent,
+        record: &AttemptRecord,
+        timeout: Duration,
+        injected: Option<Injected>,
+    ) -> CoreResult<Step> {
+        let (number, mode) = (record.attempt, record.mode);
         self.placement.attempt_started(agent.id);
         if number > 1 {
             self.metrics.task_retries_total.inc();
@@ -688,25 +790,25 @@ impl TaskService {
         let until = started + timeout;
         let ended = match (injected, mode) {
             (Some(Injected::Error), _) => {
-                self.settle(&record, Reported::Error("fault injected by a chaos toggle".into())).await?
+                self.settle(record, Reported::Error("fault injected by a chaos toggle".into())).await?
             }
             (Some(Injected::Drop), _) => {
                 tokio::time::sleep_until(until).await;
-                self.settle(&record, Reported::TimedOut(timeout_message(agent, timeout))).await?
+                self.settle(record, Reported::TimedOut(timeout_message(agent, timeout))).await?
             }
-            (None, DeliveryMode::Push) => self.push(task, agent, &record, timeout).await?,
+            (None, DeliveryMode::Push) => self.push(task, agent, record, timeout).await?,
             (None, DeliveryMode::Pull) => {
                 if let Some(waiter) = self.agent_waiters.get(&agent.id) {
                     waiter.notify_waiters();
                 }
-                let ended = self.await_pull(&record, until).await?;
+                let ended = self.await_pull(record, until).await?;
                 if let Ended::Timeout(_) = ended {
                     tracing::info!(task_id = %task.id, attempt = number, agent_id = %agent.id, "pull attempt timed out");
                 }
                 ended
             }
         };
-        Ok(self.account(task, &record, started, ended))
+        Ok(self.account(task, record, started, ended))
     }
 
     /// Metrics, placement feedback and the driver's next step for an ended attempt.
