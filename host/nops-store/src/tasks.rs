@@ -8,10 +8,10 @@
 //! losing statement waits for the winner's row lock and then matches nothing; on SQLite the
 //! single writer serialises them.
 //!
-//! On SQLite the writes of the dispatch path (a task's insert, an attempt's start and end, a
-//! task's failure) go through one group committer: each is applied in the order queued, in
-//! one transaction with every other write queued meanwhile, and its caller is answered after
-//! that transaction commits. A write is as durable when its caller hears back as it was in a
+//! On SQLite the writes of the dispatch path (a task's insert, alone or with its first
+//! attempt started, an attempt's start and end, a task's failure) go through one group
+//! committer: each is applied in the order queued, in one transaction with every other write
+//! queued meanwhile, and its caller is answered after that transaction commits. A write is as durable when its caller hears back as it was in a
 //! transaction of its own; only the number of commits drops with the load. While writes keep
 //! arriving, the committer keeps its checkout of the write connection for up to
 //! [`GROUP_COMMIT_HOLD_GROUPS_MAX`] groups.
