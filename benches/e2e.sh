@@ -13,7 +13,9 @@
 # there, as perf-<rate>.data and top-<rate>.txt), E2E_BIN_DIR (run the `nops` and `fleet`
 # binaries in that directory instead of building them: A/B runs of two builds),
 # E2E_SEPARATE_WAIT (when set: each task is submitted, then waited for with a second request,
-# instead of one `POST /api/v1/tasks?wait_ms=…`).
+# instead of one `POST /api/v1/tasks?wait_ms=…`). Under the table, for each rate, the tasks
+# slower than 10 ms by when they were submitted (the fleet's busiest 100 ms windows): a few
+# stalls show as a few crowded windows, a uniform tail as many thin ones.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -80,9 +82,14 @@ for rate in $rates; do
     cpu_ticks=$(( $(kernel_cpu_ticks) - cpu_before ))
     if [[ -n "${E2E_PROFILE_DIR:-}" ]]; then wait "$profiler" || true; fi
     for row in "$base" "$kern"; do
-        python3 - "$rate" "$row" "$cpu_ticks" "$(getconf CLK_TCK)" <<'EOF'
+        python3 - "$rate" "$row" "$cpu_ticks" "$(getconf CLK_TCK)" "$work/slow.md" <<'EOF'
 import json, sys
 rate, r, ticks, hz = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+# When the slow tasks were submitted: a few stalls, or a uniform tail.
+if r["mode"] == "kernel" and r.get("slow_windows"):
+    bursts = ", ".join(f"{w['at_s']:.1f} s ({w['tasks']}, max {w['max_ms']:.0f} ms)" for w in r["slow_windows"])
+    with open(sys.argv[5], "a") as slow:
+        slow.write(f"- {rate} tasks/s: {r['slow_tasks']} tasks over {r['slow_task_ms']} ms; busiest 100 ms windows: {bursts}\n")
 # Everything the kernel process spent (user + system) during the fleet's run, registrations
 # and warm-up included, per task submitted.
 submitted = r.get("submitted") or r["rate_per_s"] * (r["measured_s"] + 3)
@@ -93,3 +100,8 @@ print(f"| {rate} | {r['mode']} | {r['succeeded_per_s']:.0f} | {r['p50_ms']:.2f} 
 EOF
     done
 done
+if [[ -s "$work/slow.md" ]]; then
+    echo
+    echo "Slow tasks by when they were submitted (seconds into the measured window):"
+    cat "$work/slow.md"
+fi

@@ -86,7 +86,16 @@ struct Args {
     /// of submitting with `?wait_ms=…` (one request per task).
     #[arg(long)]
     separate_wait: bool,
+    /// Tasks slower than this, in ms, are reported by when they were submitted (the busiest
+    /// 100 ms windows), which tells a few stalls from a uniform tail.
+    #[arg(long, default_value_t = 10)]
+    slow_task_ms: u64,
 }
+
+/// Most windows listed in the report's `slow_windows`.
+const SLOW_WINDOWS_MAX: usize = 8;
+/// Width of one window of `slow_windows`, in ms.
+const SLOW_WINDOW_MS: u64 = 100;
 
 /// How one simulated agent behaves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -266,6 +275,10 @@ async fn main() -> anyhow::Result<()> {
     // write path's tail from dispatch's and the wait's.
     let submits = Arc::new(Mutex::new(Vec::<u64>::with_capacity(usize::try_from(total).unwrap_or(0))));
     let outcomes = Arc::new(Mutex::new(std::collections::BTreeMap::<String, u64>::new()));
+    // Measured tasks slower than `slow_ms`: when they were submitted (ms into the load) and
+    // how long they took (µs).
+    let slow = Arc::new(Mutex::new(Vec::<(u64, u64)>::new()));
+    let slow_us = args.slow_task_ms.saturating_mul(1000);
     let load_started = Instant::now();
     let mut measured_started = load_started;
     let mut handles = Vec::new();
@@ -277,7 +290,7 @@ async fn main() -> anyhow::Result<()> {
         }
         let permit = permits.clone().acquire_owned().await?;
         let (http, auth, latencies, outcomes) = (http.clone(), auth.clone(), latencies.clone(), outcomes.clone());
-        let submits = submits.clone();
+        let (submits, slow) = (submits.clone(), slow.clone());
         let (kernel, baseline, measured, run) = (args.kernel.clone(), args.baseline, n >= warmup, args.run.clone());
         let separate_wait = args.separate_wait;
         let (timeout, attempts) = (args.attempt_timeout_ms, args.attempts_max);
@@ -298,6 +311,10 @@ async fn main() -> anyhow::Result<()> {
             };
             let elapsed = u64::try_from(submitted.elapsed().as_micros()).unwrap_or(u64::MAX);
             if measured {
+                if elapsed > slow_us {
+                    let at_ms = u64::try_from(submitted.duration_since(load_started).as_millis()).unwrap_or(u64::MAX);
+                    slow.lock().await.push((at_ms, elapsed));
+                }
                 latencies.lock().await.push(elapsed);
                 if let Some(us) = submit_us {
                     submits.lock().await.push(us);
@@ -326,6 +343,24 @@ async fn main() -> anyhow::Result<()> {
         sorted[rank - 1] as f64 / 1000.0
     };
     let quantile = |q: f64| quantile_of(&latencies, q);
+    let slow = std::mem::take(&mut *slow.lock().await);
+    let warmup_ms = u64::try_from(measured_started.duration_since(load_started).as_millis()).unwrap_or(0);
+    let mut windows = std::collections::BTreeMap::<u64, (u64, u64)>::new();
+    for &(at_ms, us) in &slow {
+        let window = windows.entry(at_ms.saturating_sub(warmup_ms) / SLOW_WINDOW_MS).or_default();
+        window.0 += 1;
+        window.1 = window.1.max(us);
+    }
+    let mut busiest: Vec<(u64, (u64, u64))> = windows.into_iter().collect();
+    busiest.sort_by_key(|(window, (tasks, _))| (std::cmp::Reverse(*tasks), *window));
+    busiest.truncate(SLOW_WINDOWS_MAX);
+    busiest.sort_by_key(|(window, _)| *window);
+    let slow_windows: Vec<Value> = busiest
+        .iter()
+        .map(|(window, (tasks, max_us))| {
+            json!({ "at_s": (window * SLOW_WINDOW_MS) as f64 / 1000.0, "tasks": tasks, "max_ms": *max_us as f64 / 1000.0 })
+        })
+        .collect();
     let outcomes = outcomes.lock().await.clone();
     let succeeded = outcomes.get("succeeded").copied().unwrap_or(0);
     let report = json!({
@@ -345,6 +380,9 @@ async fn main() -> anyhow::Result<()> {
         "submit_p50_ms": quantile_of(&submits, 0.50),
         "submit_p99_ms": quantile_of(&submits, 0.99),
         "agent_answers": fleet.answered.load(Ordering::Relaxed),
+        "slow_task_ms": args.slow_task_ms,
+        "slow_tasks": slow.len(),
+        "slow_windows": slow_windows,
     });
     println!("{report}");
     Ok(())
