@@ -644,38 +644,32 @@ impl TaskService {
                     continue;
                 }
             }
-            if let Some((agent, record)) = started.take() {
+            let (agent, step) = if let Some((agent, record)) = started.take() {
                 // Placed and started at submission, stored with the task.
-                tried.insert(agent.id);
                 let timeout = Duration::from_millis(
                     u64::try_from(record.timeout_at_ms.saturating_sub(record.started_at_ms)).unwrap_or(0),
                 );
-                match self.run_attempt(&task, &agent, &record, timeout, None).await? {
-                    Step::Done(recorded) => return Ok(recorded),
-                    Step::Failed(error) => {
-                        made += 1;
-                        last_error = Some(error);
-                    }
-                    // Only a start can be refused, and this one was accepted.
-                    Step::QueueFull | Step::Lost => return Ok(None),
-                }
-                continue;
-            }
-            let skip = |agent: AgentId| tried.contains(&agent);
-            let Some(agent) = self.placement.place(&task.tenant, &task.request, &skip).await? else {
-                let error = if tried.is_empty() {
-                    "no agent qualifies for the task (capabilities, labels, health)".to_string()
-                } else {
-                    format!(
-                        "no other agent qualifies after {made} attempts on {} agents; last error: {}",
-                        tried.len(),
-                        last_error.as_deref().unwrap_or("none")
-                    )
+                let step = self.run_attempt(&task, &agent, &record, timeout, None).await?;
+                (agent, step)
+            } else {
+                let skip = |agent: AgentId| tried.contains(&agent);
+                let Some(agent) = self.placement.place(&task.tenant, &task.request, &skip).await? else {
+                    let error = if tried.is_empty() {
+                        "no agent qualifies for the task (capabilities, labels, health)".to_string()
+                    } else {
+                        format!(
+                            "no other agent qualifies after {made} attempts on {} agents; last error: {}",
+                            tried.len(),
+                            last_error.as_deref().unwrap_or("none")
+                        )
+                    };
+                    return self.fail(&task, &error).await.map(|()| None);
                 };
-                return self.fail(&task, &error).await.map(|()| None);
+                let step = self.attempt(&task, &agent, made + 1, deadline).await?;
+                (agent, step)
             };
             tried.insert(agent.id);
-            match self.attempt(&task, &agent, made + 1, deadline).await? {
+            match step {
                 // The first attempt: its rows are the task's whole stored state.
                 Step::Done(recorded) => return Ok(recorded.filter(|_| made == 0)),
                 Step::Failed(error) => {
