@@ -416,3 +416,38 @@ fn invalid_routing_settings_stop_the_kernel_at_start() {
     assert_eq!(config.routing.health.breaker.open_ms, 1000);
     assert_eq!(config.routing.health.stale_after_ms, config.registry.ttl.stale_after_ms);
 }
+
+/// Routing decides once per profile (labels and capabilities) of agents: many profiles, more
+/// than it remembers, and many agents of one profile, still filter exactly.
+#[tokio::test]
+async fn filters_hold_across_many_agent_profiles() {
+    for k in TestKernel::all().await {
+        let mut expected = Vec::new();
+        for shard in 0..20 {
+            let labels = json!({"shard": shard.to_string()});
+            let id = agent(&k, "default", &format!("shard-{shard}"), &[("fleet.sum", "1.0.0")], labels).await;
+            if shard == 7 {
+                expected.push(id);
+            }
+        }
+        for copy in 0..5 {
+            let id = agent(&k, "default", &format!("shard-7-{copy}"), &[("fleet.sum", "1.0.0")], json!({"shard": "7"}))
+                .await;
+            expected.push(id);
+        }
+        let other = agent(&k, "default", "shard-7-v2", &[("fleet.sum", "2.0.0")], json!({"shard": "7"})).await;
+
+        let d = route(
+            &k,
+            "default",
+            json!({"capabilities": [{"name": "fleet.sum", "version": "^1"}], "labels": {"shard": "7"}, "count": 16}),
+        )
+        .await;
+        let mut ids = chosen_ids(&d);
+        ids.sort();
+        expected.sort();
+        assert_eq!(ids, expected, "{:?}: {d}", k.backend);
+        assert_eq!(d["matched"], 6, "{d}");
+        assert!(!ids.contains(&other), "version 2 is not accepted by ^1");
+    }
+}

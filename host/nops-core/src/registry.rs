@@ -174,7 +174,15 @@ pub struct IndexedAgent {
     pub capabilities: Vec<(String, semver::Version)>,
     /// Its health entry.
     pub health: Arc<HealthCell>,
+    /// A hash of its labels and capabilities: agents with the same profile pass or fail
+    /// routing's filters alike, so routing decides once per profile (see
+    /// [`crate::routing`]). Keyed per process.
+    pub profile: u64,
 }
+
+/// The keys of [`IndexedAgent::profile`]'s hash, random per process.
+static PROFILE_HASHER: std::sync::LazyLock<std::hash::RandomState> =
+    std::sync::LazyLock::new(std::hash::RandomState::new);
 
 impl IndexedAgent {
     /// The highest version of capability `name` that `requirement` accepts.
@@ -407,14 +415,18 @@ impl Registry {
 
     fn index_insert(&self, agent: &Agent, last_seen_ms: i64) {
         let health = self.health.cell(agent.id, &agent.tenant, last_seen_ms);
+        let capabilities: Vec<(String, semver::Version)> =
+            agent.capabilities.iter().map(|c| (c.name.clone(), c.version.clone())).collect();
+        let profile = std::hash::BuildHasher::hash_one(&*PROFILE_HASHER, (&agent.labels, &capabilities));
         let indexed = Arc::new(IndexedAgent {
             id: agent.id,
             tenant: agent.tenant.clone(),
             name: agent.name.clone(),
             endpoint: agent.endpoint.clone(),
             labels: agent.labels.clone(),
-            capabilities: agent.capabilities.iter().map(|c| (c.name.clone(), c.version.clone())).collect(),
+            capabilities,
             health,
+            profile,
         });
         self.index_write().insert(indexed);
     }

@@ -198,8 +198,7 @@ struct Eligible {
 }
 
 impl Eligible {
-    fn new(id: AgentId, snapshot: &HealthSnapshot, version: &semver::Version) -> Self {
-        let part = |x: u64| u32::try_from(x).unwrap_or(u32::MAX);
+    fn new(id: AgentId, snapshot: &HealthSnapshot, version: (u32, u32, u32)) -> Self {
         Self {
             id,
             health: snapshot.health,
@@ -209,7 +208,7 @@ impl Eligible {
             cpu_ratio: snapshot.cpu_ratio.unwrap_or(0.0) as f32,
             latency_ms: snapshot.latency_ms as f32,
             error_rate: snapshot.error_rate as f32,
-            version: (part(version.major), part(version.minor), part(version.patch)),
+            version,
         }
     }
 
@@ -328,21 +327,25 @@ impl RoutingService {
             .unwrap_or(&request.capabilities[0]);
         let mut exclusions = Exclusions::default();
         let mut matched = 0u32;
+        // Agents of one profile (the same labels and capabilities) pass or fail the filters
+        // alike: the verdict is worked out once per profile, and a fleet has few. The
+        // profile is a 64-bit keyed hash; the agents finally chosen are checked in full
+        // (`resolve`), so even a collision cannot place work on an agent that does not qualify.
+        let mut verdicts: Vec<(u64, Option<(usize, (u32, u32, u32))>)> = Vec::new();
         let (mut eligible, indexed, scanned) = self.registry.with_candidates(tenant, &pivot.name, |items| {
             let mut eligible = Vec::with_capacity(items.len().min(self.config.scan_max));
             let mut consider = |agent: &Arc<IndexedAgent>| {
-                let mut version_at = None;
-                for (i, requirement) in request.capabilities.iter().enumerate() {
-                    match best_version_at(agent, requirement) {
-                        Some(at) if i == 0 => version_at = Some(at),
-                        Some(_) => {}
-                        None => return,
+                let verdict = match verdicts.iter().find(|(profile, _)| *profile == agent.profile) {
+                    Some((_, verdict)) => *verdict,
+                    None => {
+                        let verdict = qualifies(agent, request);
+                        if verdicts.len() < PROFILE_VERDICTS_MAX {
+                            verdicts.push((agent.profile, verdict));
+                        }
+                        verdict
                     }
-                }
-                let Some(version_at) = version_at else { return };
-                if !agent.has_labels(&request.labels) {
-                    return;
-                }
+                };
+                let Some((_, version)) = verdict else { return };
                 matched += 1;
                 if skip.is_some_and(|skip| skip(agent.id)) {
                     exclusions.skipped += 1;
@@ -354,7 +357,7 @@ impl RoutingService {
                 } else if !snapshot.admits {
                     exclusions.breaker += 1;
                 } else {
-                    eligible.push(Eligible::new(agent.id, &snapshot, &agent.capabilities[version_at].1));
+                    eligible.push(Eligible::new(agent.id, &snapshot, version));
                 }
             };
             if items.len() <= self.config.scan_max {
@@ -485,7 +488,7 @@ impl RoutingService {
     /// filtered.
     fn resolve(&self, tenant: &TenantId, request: &RouteRequest, e: &Eligible) -> Option<(Arc<IndexedAgent>, usize)> {
         let agent = self.registry.indexed(tenant, e.id)?;
-        let version_at = best_version_at(&agent, &request.capabilities[0])?;
+        let (version_at, _) = qualifies(&agent, request)?;
         Some((agent, version_at))
     }
 
@@ -575,6 +578,30 @@ impl RoutingService {
         }
         chosen
     }
+}
+
+/// Most profiles whose filter verdicts one routing decision remembers (see `decide`); agents
+/// of further profiles are checked one by one.
+const PROFILE_VERDICTS_MAX: usize = 16;
+
+/// Whether `agent` has every capability (at an accepted version) and label `request` asks
+/// for: where in `agent.capabilities` the best version of the first requirement is, and
+/// that version as major, minor, patch.
+fn qualifies(agent: &IndexedAgent, request: &RouteRequest) -> Option<(usize, (u32, u32, u32))> {
+    let mut first = None;
+    for (i, requirement) in request.capabilities.iter().enumerate() {
+        let at = best_version_at(agent, requirement)?;
+        if i == 0 {
+            first = Some(at);
+        }
+    }
+    let at = first?;
+    if !agent.has_labels(&request.labels) {
+        return None;
+    }
+    let version = &agent.capabilities[at].1;
+    let part = |x: u64| u32::try_from(x).unwrap_or(u32::MAX);
+    Some((at, (part(version.major), part(version.minor), part(version.patch))))
 }
 
 /// Where in `agent.capabilities` the highest version of `requirement.name` that
