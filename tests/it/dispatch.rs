@@ -135,6 +135,20 @@ async fn wait_task(k: &TestKernel, id: &str, what: &str, done: impl Fn(&Value) -
     }
 }
 
+/// Waits until metric `name` reaches `at_least` (a counter bumped just after the store write
+/// that a test waited for).
+async fn wait_metric(k: &TestKernel, name: &str, at_least: f64) {
+    let start = tokio::time::Instant::now();
+    loop {
+        let value = metric(k, name).await;
+        if value >= at_least {
+            return;
+        }
+        assert!(start.elapsed() < WAIT_LIMIT, "{:?}: waited too long for {name} >= {at_least}: {value}", k.backend);
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
 fn finished(task: &Value) -> bool {
     matches!(task["status"].as_str(), Some("succeeded" | "failed"))
 }
@@ -373,7 +387,8 @@ async fn a_pushed_straggler_does_not_hold_the_task_and_its_late_answer_is_discar
         assert_eq!(task["status"], "succeeded");
         assert_eq!(task["output"], output, "the stored result is unchanged");
         assert_eq!(task["attempts"][0]["outcome"], "timeout");
-        assert!(metric(&k, "nops_task_late_results_total{mode=\"push\"}").await >= 1.0);
+        // Counted right after the late answer is stored (what the wait above saw).
+        wait_metric(&k, "nops_task_late_results_total{mode=\"push\"}", 1.0).await;
     }
 }
 
