@@ -331,7 +331,7 @@ impl RoutingService {
         // alike: the verdict is worked out once per profile, and a fleet has few. The
         // profile is a 64-bit keyed hash; the agents finally chosen are checked in full
         // (`resolve`), so even a collision cannot place work on an agent that does not qualify.
-        let mut verdicts: Vec<(u64, Option<(usize, (u32, u32, u32))>)> = Vec::new();
+        let mut verdicts: Vec<(u64, Option<Qualified>)> = Vec::new();
         let (mut eligible, indexed, scanned) = self.registry.with_candidates(tenant, &pivot.name, |items| {
             let mut eligible = Vec::with_capacity(items.len().min(self.config.scan_max));
             let mut consider = |agent: &Arc<IndexedAgent>| {
@@ -580,6 +580,10 @@ impl RoutingService {
     }
 }
 
+/// What [`qualifies`] finds of an agent that qualifies: where in `agent.capabilities` the best
+/// version of the first requirement is, and that version as major, minor, patch.
+type Qualified = (usize, (u32, u32, u32));
+
 /// Most profiles whose filter verdicts one routing decision remembers (see `decide`); agents
 /// of further profiles are checked one by one.
 const PROFILE_VERDICTS_MAX: usize = 16;
@@ -587,7 +591,7 @@ const PROFILE_VERDICTS_MAX: usize = 16;
 /// Whether `agent` has every capability (at an accepted version) and label `request` asks
 /// for: where in `agent.capabilities` the best version of the first requirement is, and
 /// that version as major, minor, patch.
-fn qualifies(agent: &IndexedAgent, request: &RouteRequest) -> Option<(usize, (u32, u32, u32))> {
+fn qualifies(agent: &IndexedAgent, request: &RouteRequest) -> Option<Qualified> {
     let mut first = None;
     for (i, requirement) in request.capabilities.iter().enumerate() {
         let at = best_version_at(agent, requirement)?;

@@ -1932,7 +1932,7 @@ mod tests {
         loop {
             let mut conn = file_only.connect().await.expect("connects");
             let seen: Option<i64> =
-                sqlx::query_scalar("SELECT x FROM probe").fetch_optional(&mut conn).await.unwrap_or(None);
+                sqlx::query_scalar("SELECT x FROM probe").fetch_optional(&mut conn).await.ok().flatten();
             if seen == Some(7) {
                 break;
             }
