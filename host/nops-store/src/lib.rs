@@ -224,7 +224,8 @@ impl SqlStore {
             // SQLite has no advisory locks: two kernels opening one file at once would both
             // apply migration 1. An exclusive lock on a file beside the database serialises them.
             let filename = options.get_filename();
-            let migration_lock = if filename.as_os_str().is_empty() || filename == std::path::Path::new(":memory:") {
+            let on_disk = !filename.as_os_str().is_empty() && filename != std::path::Path::new(":memory:");
+            let migration_lock = if !on_disk {
                 None
             } else {
                 let mut lock_path = filename.as_os_str().to_owned();
@@ -246,15 +247,14 @@ impl SqlStore {
             drop(migration_lock);
             let readers = config.pool_connections_max.clamp(1, SQLITE_READERS_MAX);
             let read = connect(readers).retry(backoff).notify(notify).await.map_err(unreachable)?;
-            let (checkpoint, checkpoints) =
-                if filename.as_os_str().is_empty() || filename == std::path::Path::new(":memory:") {
-                    (None, None)
-                } else {
-                    let pool = connect(1).retry(backoff).notify(notify).await.map_err(unreachable)?;
-                    let (stop, stopped) = tokio::sync::watch::channel(());
-                    tokio::spawn(run_checkpoints(pool.clone(), stopped));
-                    (Some(pool), Some(std::sync::Arc::new(stop)))
-                };
+            let (checkpoint, checkpoints) = if !on_disk {
+                (None, None)
+            } else {
+                let pool = connect(1).retry(backoff).notify(notify).await.map_err(unreachable)?;
+                let (stop, stopped) = tokio::sync::watch::channel(());
+                tokio::spawn(run_checkpoints(pool.clone(), stopped));
+                (Some(pool), Some(std::sync::Arc::new(stop)))
+            };
             Self {
                 pools: Pools::Sqlite { write, read, checkpoint },
                 pool_connections_max: readers + 1,
