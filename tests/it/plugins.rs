@@ -190,6 +190,9 @@ fn tricky_candidates() -> Vec<Candidate> {
     ]
 }
 
+/// The Rust scorer exports the `scorer-columns` world and the JavaScript one the `scorer`
+/// world (a list of records): the same scores bit for bit also shows the kernel passes the
+/// same candidates through either interface.
 #[tokio::test]
 async fn the_javascript_scorer_returns_the_rust_scorers_scores_bit_for_bit() {
     let k = TestKernel::start(Backend::Sqlite).await;

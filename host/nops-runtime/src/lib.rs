@@ -38,8 +38,8 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use nops_core::plugin::call::{
-    CallContext, CallError, CallReport, Caller, Decision, Direction, Invocation, LoadError, LoadSpec, LoadedPlugin,
-    Output, PluginRuntime, ToolDescription, Value, Verdict,
+    CallContext, CallError, CallReport, Caller, Candidate, Decision, Direction, Invocation, LoadError, LoadSpec,
+    LoadedPlugin, Output, PluginRuntime, ToolDescription, Value, Verdict,
 };
 use nops_core::plugin::{PluginKind, subject_matches, validate_subject};
 use nops_core::store::{OutboxEvent, PluginCommit, PluginEffects, PluginKv, StoreError};
@@ -65,6 +65,20 @@ mod bindings {
     pub mod scorer {
         wasmtime::component::bindgen!({
             world: "scorer",
+            path: "../../wit",
+            imports: { default: async },
+            exports: { default: async },
+            with: {
+                "nops:plugin/types": super::tool::nops::plugin::types,
+                "nops:plugin/log": super::tool::nops::plugin::log,
+                "nops:plugin/config": super::tool::nops::plugin::config,
+                "nops:plugin/storage": super::tool::nops::plugin::storage,
+            },
+        });
+    }
+    pub mod scorer_columns {
+        wasmtime::component::bindgen!({
+            world: "scorer-columns",
             path: "../../wit",
             imports: { default: async },
             exports: { default: async },
@@ -120,6 +134,7 @@ mod bindings {
     }
 }
 
+use bindings::scorer_columns::exports::nops::plugin::scoring_columns;
 use bindings::tool::nops::plugin as host;
 use host::types::HostError;
 
@@ -614,7 +629,14 @@ impl Runtime {
         let mismatch = |e: wasmtime::Error| LoadError::WorldMismatch { kind, detail: format!("{e:#}") };
         let pre = linker.instantiate_pre(&component).map_err(mismatch)?;
         let pre = match kind {
-            PluginKind::Scorer => Pre::Scorer(bindings::scorer::ScorerPre::new(pre).map_err(mismatch)?),
+            // A scorer exports either world; the column one is the cheaper to call.
+            PluginKind::Scorer => match bindings::scorer_columns::ScorerColumnsPre::new(pre.clone()) {
+                Ok(columns) => Pre::ScorerColumns(columns),
+                Err(_) => Pre::Scorer(bindings::scorer::ScorerPre::new(pre).map_err(|e| LoadError::WorldMismatch {
+                    kind,
+                    detail: format!("exports neither `scoring-columns` nor `scoring`: {e:#}"),
+                })?),
+            },
             PluginKind::Policy => Pre::Policy(bindings::policy::PolicyPre::new(pre).map_err(mismatch)?),
             PluginKind::Migration => Pre::Migration(bindings::migration::MigrationPre::new(pre).map_err(mismatch)?),
             PluginKind::McpTool => Pre::Tool(bindings::tool::McpToolPre::new(pre).map_err(mismatch)?),
@@ -656,6 +678,7 @@ impl PluginRuntime for Runtime {
 
 enum Pre {
     Scorer(bindings::scorer::ScorerPre<HostState>),
+    ScorerColumns(bindings::scorer_columns::ScorerColumnsPre<HostState>),
     Policy(bindings::policy::PolicyPre<HostState>),
     Migration(bindings::migration::MigrationPre<HostState>),
     Tool(bindings::tool::McpToolPre<HostState>),
@@ -664,6 +687,7 @@ enum Pre {
 
 enum Instance {
     Scorer(bindings::scorer::Scorer),
+    ScorerColumns(bindings::scorer_columns::ScorerColumns),
     Policy(bindings::policy::Policy),
     Migration(bindings::migration::Migration),
     Tool(bindings::tool::McpTool),
@@ -738,6 +762,7 @@ impl WasmPlugin {
     async fn instantiate(&self, store: &mut Store<HostState>) -> wasmtime::Result<Instance> {
         Ok(match &self.pre {
             Pre::Scorer(pre) => Instance::Scorer(pre.instantiate_async(&mut *store).await?),
+            Pre::ScorerColumns(pre) => Instance::ScorerColumns(pre.instantiate_async(&mut *store).await?),
             Pre::Policy(pre) => Instance::Policy(pre.instantiate_async(&mut *store).await?),
             Pre::Migration(pre) => Instance::Migration(pre.instantiate_async(&mut *store).await?),
             Pre::Tool(pre) => Instance::Tool(pre.instantiate_async(&mut *store).await?),
@@ -899,13 +924,15 @@ async fn call_instance(
                     version: c.version,
                 })
                 .collect();
-            match i.nops_plugin_scoring().call_score(&mut *store, &task, &wit).await? {
-                Ok(scores) if scores.len() != candidates.len() => {
-                    Err(CallError::BadOutput(format!("{} scores for {} candidates", scores.len(), candidates.len())))
-                }
-                Ok(scores) => Ok(Output::Scores(scores)),
-                Err(message) => Err(CallError::Guest(truncate(message))),
+            scores(i.nops_plugin_scoring().call_score(&mut *store, &task, &wit).await?, candidates.len())
+        }
+        (Instance::ScorerColumns(i), Invocation::Score { task, candidates }) => {
+            if candidates.len() > CANDIDATES_MAX {
+                return Ok(Err(CallError::BadOutput(format!("at most {CANDIDATES_MAX} candidates"))));
             }
+            let task = scoring_columns::Task { capabilities: task.capabilities.clone(), hints: task.hints.clone() };
+            let columns = columns(candidates);
+            scores(i.nops_plugin_scoring_columns().call_score(&mut *store, &task, &columns).await?, candidates.len())
         }
         (Instance::Policy(i), Invocation::Authorize(request)) => {
             use bindings::policy::exports::nops::plugin::authorization as authz;
@@ -971,7 +998,7 @@ async fn call_instance(
         }
         (instance, call) => {
             let kind = match instance {
-                Instance::Scorer(_) => PluginKind::Scorer,
+                Instance::Scorer(_) | Instance::ScorerColumns(_) => PluginKind::Scorer,
                 Instance::Policy(_) => PluginKind::Policy,
                 Instance::Migration(_) => PluginKind::Migration,
                 Instance::Tool(_) => PluginKind::McpTool,
@@ -980,6 +1007,34 @@ async fn call_instance(
             wrong_kind(kind, call)
         }
     })
+}
+
+/// The candidates as the `scoring-columns` interface takes them: one list per field.
+fn columns(candidates: &[Candidate]) -> scoring_columns::Candidates {
+    let column = |field: fn(&Candidate) -> f32| candidates.iter().map(field).collect();
+    let integers = |field: fn(&Candidate) -> u32| candidates.iter().map(field).collect();
+    scoring_columns::Candidates {
+        health: column(|c| c.health),
+        in_flight: integers(|c| c.in_flight),
+        cpu_ratio: column(|c| c.cpu_ratio),
+        latency_ms: column(|c| c.latency_ms),
+        error_rate: column(|c| c.error_rate),
+        silence_ms: integers(|c| c.silence_ms),
+        version_major: integers(|c| c.version.0),
+        version_minor: integers(|c| c.version.1),
+        version_patch: integers(|c| c.version.2),
+    }
+}
+
+/// A scorer's answer: one score per candidate, or the guest's error.
+fn scores(answer: Result<Vec<f32>, String>, candidates: usize) -> Result<Output, CallError> {
+    match answer {
+        Ok(scores) if scores.len() != candidates => {
+            Err(CallError::BadOutput(format!("{} scores for {candidates} candidates", scores.len())))
+        }
+        Ok(scores) => Ok(Output::Scores(scores)),
+        Err(message) => Err(CallError::Guest(truncate(message))),
+    }
 }
 
 fn truncate(mut message: String) -> String {

@@ -1,10 +1,13 @@
 //! The reference scorer: ranks candidates by a weighted sum of the kernel's health score,
 //! spare capacity, latency and error rate. Weights can be tuned per tenant through
 //! `storage` (key `weights`: four little-endian f32 for health, load, latency, errors).
+//!
+//! It exports the `scorer-columns` world: the kernel passes each candidate field as one list,
+//! which costs the host several times less to copy in than a list of records.
 
-wit_bindgen::generate!({ world: "scorer", path: "../../wit" });
+wit_bindgen::generate!({ world: "scorer-columns", path: "../../wit" });
 
-use exports::nops::plugin::scoring::{Candidate, Guest, Task};
+use exports::nops::plugin::scoring_columns::{Candidates, Guest, Task};
 use nops::plugin::storage;
 
 /// Default weights: health, spare capacity, latency, errors.
@@ -30,15 +33,18 @@ fn weights() -> [f32; 4] {
 }
 
 impl Guest for Weighted {
-    fn score(_task: Task, candidates: Vec<Candidate>) -> Result<Vec<f32>, String> {
+    fn score(_task: Task, c: Candidates) -> Result<Vec<f32>, String> {
+        let n = c.health.len();
+        if [c.in_flight.len(), c.latency_ms.len(), c.error_rate.len()].iter().any(|&len| len != n) {
+            return Err("candidate columns of different lengths".into());
+        }
         let [w_health, w_load, w_latency, w_errors] = weights();
-        Ok(candidates
-            .iter()
-            .map(|c| {
-                let load = 1.0 / (1.0 + c.in_flight as f32 / IN_FLIGHT_HALF);
-                let latency = 1.0 / (1.0 + c.latency_ms.max(0.0) / LATENCY_HALF_MS);
-                let errors = 1.0 - c.error_rate.clamp(0.0, 1.0);
-                w_health * c.health.clamp(0.0, 1.0) + w_load * load + w_latency * latency + w_errors * errors
+        Ok((0..n)
+            .map(|i| {
+                let load = 1.0 / (1.0 + c.in_flight[i] as f32 / IN_FLIGHT_HALF);
+                let latency = 1.0 / (1.0 + c.latency_ms[i].max(0.0) / LATENCY_HALF_MS);
+                let errors = 1.0 - c.error_rate[i].clamp(0.0, 1.0);
+                w_health * c.health[i].clamp(0.0, 1.0) + w_load * load + w_latency * latency + w_errors * errors
             })
             .collect())
     }
