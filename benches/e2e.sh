@@ -13,7 +13,9 @@
 # there, as perf-<rate>.data and top-<rate>.txt), E2E_BIN_DIR (run the `nops` and `fleet`
 # binaries in that directory instead of building them: A/B runs of two builds),
 # E2E_SEPARATE_WAIT (when set: each task is submitted, then waited for with a second request,
-# instead of one `POST /api/v1/tasks?wait_ms=…`). Under the table, for each rate, the tasks
+# instead of one `POST /api/v1/tasks?wait_ms=…`), E2E_SCORER (the scorer plugin routing uses,
+# default `scorer-weighted`, the reference one, staged from target/wasm as `make run` does, or
+# from E2E_WASM_DIR; `builtin` runs without a scorer plugin: the built-in power of two choices). Under the table, for each rate, the tasks
 # slower than 10 ms by when they were submitted (the fleet's busiest 100 ms windows): a few
 # stalls show as a few crowded windows, a uniform tail as many thin ones.
 set -euo pipefail
@@ -34,13 +36,21 @@ pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$work"; }
 trap cleanup EXIT
 
+scorer=${E2E_SCORER:-scorer-weighted}
+scorer_args=()
+if [[ "$scorer" != builtin ]]; then
+    if [[ -z "${E2E_WASM_DIR:-}" ]]; then scripts/build-plugins.sh >&2; fi
+    PLUGINS_BUILT_DIR=${E2E_WASM_DIR:-} scripts/stage-plugins.sh "$work/plugins" >/dev/null
+    scorer_args=(--plugins-dir "$work/plugins" --routing-scorer "$scorer")
+fi
+
 port=7441
 env_db=()
 if [[ -n "${E2E_DATABASE_URL:-}" ]]; then env_db=(NOPS_DATABASE_URL="$E2E_DATABASE_URL"); fi
 # One tenant at 1,000 tasks/s makes ~2,200 requests/s (submit, wait, heartbeats), past the
 # default per-tenant budget of 1,000/s: rate limits are off so the figure is dispatch's own.
 env "${env_db[@]}" NOPS_RATE_LIMITS_ENABLED=false NOPS_LOG=warn NOPS_DATA_DIR="$work/kernel" NOPS_LISTEN="127.0.0.1:$port" \
-    "$bin/nops" serve >"$work/kernel.out" 2>"$work/kernel.err" &
+    "$bin/nops" serve "${scorer_args[@]}" >"$work/kernel.out" 2>"$work/kernel.err" &
 kernel_pid=$!
 pids+=("$kernel_pid")
 for _ in $(seq 300); do
@@ -53,6 +63,31 @@ if [[ -z "$key" ]]; then
     cat "$work/kernel.err" >&2
     exit 1
 fi
+
+if [[ "$scorer" != builtin ]]; then
+    # The directory scanner loads and activates the staged plugins shortly after start.
+    active=""
+    for _ in $(seq 100); do
+        active=$(curl -sf -H "Authorization: Bearer $key" "http://127.0.0.1:$port/api/v1/plugins/$scorer" |
+            python3 -c 'import json,sys; d = json.load(sys.stdin); print((d.get("state") or d).get("active") or "")' 2>/dev/null || true)
+        [[ -n "$active" ]] && break
+        sleep 0.1
+    done
+    if [[ -z "$active" ]]; then
+        echo "e2e: the scorer plugin \`$scorer\` did not become active" >&2
+        cat "$work/kernel.err" >&2
+        exit 1
+    fi
+fi
+
+# What answered the route decisions: the scorer's successful calls, and the decisions it did
+# not answer by reason (`no_scorer` without a scorer plugin).
+routing_counts() {
+    curl -sf "http://127.0.0.1:$port/metrics" | awk -v scorer="default/$scorer" '
+        /^nops_plugin_calls_total/ && index($0, "\"" scorer "\"") && /outcome="ok"/ { ok += $NF }
+        /^nops_route_fallbacks_total/ { sub(/^nops_route_fallbacks_total/, ""); fallbacks = fallbacks " " $0 }
+        END { printf "scorer calls answered: %d; fallbacks:%s", ok, (fallbacks == "" ? " none" : fallbacks) }'
+}
 
 # User + system CPU of the kernel process so far, in clock ticks.
 kernel_cpu_ticks() { awk '{ print $14 + $15 }' "/proc/$kernel_pid/stat"; }
@@ -100,6 +135,8 @@ print(f"| {rate} | {r['mode']} | {r['succeeded_per_s']:.0f} | {r['p50_ms']:.2f} 
 EOF
     done
 done
+echo
+echo "Routing: ${scorer/#builtin/the built-in power of two choices (no scorer plugin)}${active:+ $active}; over all runs, $(routing_counts || true)"
 if [[ -s "$work/slow.md" ]]; then
     echo
     echo "Slow tasks by when they were submitted (seconds into the measured window):"

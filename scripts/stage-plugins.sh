@@ -3,11 +3,11 @@
 # `nops serve --plugins-dir` hot-loads: for every plugins/<crate>/plugin.toml, copies the built
 # component to <name>.wasm and its configuration document (looked up beside the manifest, then
 # in policies/), and writes the manifest with its BLAKE2b-256 digests filled in.
-# Run scripts/build-plugins.sh first.
+# Run scripts/build-plugins.sh first. PLUGINS_BUILT_DIR stages components built elsewhere.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 dest=${1:-.nops/plugins}
-built=target/wasm/wasm32-wasip2/release
+built=${PLUGINS_BUILT_DIR:-target/wasm/wasm32-wasip2/release}
 mkdir -p "$dest"
 
 digest() {

@@ -52,7 +52,7 @@ use wasmtime::{
 use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
 mod bindings {
-    //! Host bindings of the five worlds. The `mcp-tool` world imports every host interface,
+    //! Host bindings of the worlds (a scorer's two, one for each other kind). The `mcp-tool` world imports every host interface,
     //! so its bindings are generated first and the other worlds reuse them.
     pub mod tool {
         wasmtime::component::bindgen!({
