@@ -465,8 +465,13 @@ async fn the_reference_plugins_hot_load_from_the_plugins_directory_and_the_cli_d
     let list_url = format!("{}/api/v1/plugins", kernel.base);
     let names =
         ["abac", "contract-spend-limit", "migration-agent-labels", "scorer-weighted", "scorer-weighted-js", "tool-kv"];
+    // The version each manifest under plugins/ declares (the reference scorer is at 0.2.0,
+    // since it exports the `scorer-columns` world).
+    let version = |name: &str| if name == "scorer-weighted" { "0.2.0" } else { "0.1.0" };
     let list = wait_for(&http, &list_url, &key, "every reference plugin active", |v| {
-        v["plugins"].as_array().is_some_and(|p| p.len() == names.len() && p.iter().all(|p| p["active"] == "0.1.0"))
+        v["plugins"].as_array().is_some_and(|p| {
+            p.len() == names.len() && p.iter().all(|p| p["name"].as_str().is_some_and(|n| p["active"] == version(n)))
+        })
     })
     .await;
     let mut listed: Vec<&str> =
