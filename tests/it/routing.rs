@@ -451,3 +451,64 @@ async fn filters_hold_across_many_agent_profiles() {
         assert!(!ids.contains(&other), "version 2 is not accepted by ^1");
     }
 }
+
+/// Two kernels on one database (replicas): agents registered, changed and deleted through one
+/// are routed accordingly by the other once it has followed the store's agent changes, without
+/// a heartbeat reaching it and without a restart.
+#[tokio::test]
+async fn a_replica_routes_by_the_agent_changes_made_through_another() {
+    for a in TestKernel::all().await {
+        let mut args = crate::support::test_args(&a.db.url);
+        args.data_dir = Some(a.db.dir.path().join("replica"));
+        let config = nops::config::Config::resolve(&args).expect("config");
+        let b = nops::kernel::Kernel::open(&config, std::sync::Arc::new(a.clock.clone())).await.expect("replica");
+        let tenant = TenantId::default_tenant();
+        let gpu = || RouteRequest {
+            capabilities: vec![CapabilityRequirement {
+                name: "gpu.render".into(),
+                version: "^2".parse().expect("req"),
+            }],
+            ..RouteRequest::default()
+        };
+        let chosen =
+            |d: nops_core::routing::RouteDecision| d.chosen.iter().map(|c| c.id.to_string()).collect::<Vec<_>>();
+
+        // Registered through A after B loaded: B routes to it after one follow step.
+        let id = agent(&a, "default", "render-1", &[("gpu.render", "2.1.0")], json!({"zone": "eu-1"})).await;
+        heartbeat(&a, "default", &id, json!({})).await;
+        let none: [String; 0] = [];
+        assert_eq!(
+            chosen(b.routing.route(&tenant, &gpu()).await.expect("route")),
+            none,
+            "{:?}: not followed yet",
+            a.backend
+        );
+        assert_eq!(b.registry.follow_changes().await.expect("follow"), 1);
+        assert_eq!(chosen(b.routing.route(&tenant, &gpu()).await.expect("route")), [id.clone()], "{:?}", a.backend);
+
+        // Its capability downgraded through A: B no longer routes `^2` to it.
+        let (status, body) = in_tenant(
+            &a,
+            "default",
+            "PATCH",
+            &format!("/api/v1/agents/{id}"),
+            Some(json!({"capabilities": [{"name": "gpu.render", "version": "1.9.0", "params": {}}]})),
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK, "{:?}: {body}", a.backend);
+        b.registry.follow_changes().await.expect("follow");
+        assert_eq!(
+            chosen(b.routing.route(&tenant, &gpu()).await.expect("route")),
+            none,
+            "{:?}: the update is followed",
+            a.backend
+        );
+
+        // Deleted through A: B forgets it.
+        let (status, body) = in_tenant(&a, "default", "DELETE", &format!("/api/v1/agents/{id}"), None).await;
+        assert_eq!(status, StatusCode::NO_CONTENT, "{:?}: {body}", a.backend);
+        b.registry.follow_changes().await.expect("follow");
+        assert!(b.registry.indexed(&tenant, id.parse().expect("agent id")).is_none(), "{:?}", a.backend);
+        assert_eq!(b.registry.indexed_len(), 0, "{:?}", a.backend);
+    }
+}

@@ -156,6 +156,13 @@ impl LiveEntry {
 
 /// Agents read per page when the routing index is built at load.
 const INDEX_LOAD_PAGE_ROWS: u32 = 2_000;
+/// How often the routing index follows agent changes made by other kernels on the database.
+pub const FOLLOW_INTERVAL_MS: u64 = 1_000;
+/// Most agent events one follow step reads (a larger backlog is read over several steps).
+pub const FOLLOW_CHANGES_PAGE_MAX: u32 = 1_000;
+/// Agent events younger than this are read again by the next follow step, in case an event
+/// with a smaller `seq` commits after them.
+pub const FOLLOW_SETTLE_MS: i64 = 2_000;
 
 /// What the routing index keeps about one agent.
 #[derive(Debug)]
@@ -317,6 +324,8 @@ pub struct Registry {
     transitions: tokio::sync::Mutex<()>,
     last_flush_at_ms: AtomicI64,
     last_sweep_at_ms: AtomicI64,
+    /// Agent events up to this `seq` are reflected in the index (see [`Registry::follow_changes`]).
+    followed_seq: AtomicI64,
     last_error: Mutex<Option<String>>,
     /// Agents by tenant and capability, for routing.
     index: std::sync::RwLock<AgentIndex>,
@@ -362,6 +371,7 @@ impl Registry {
             transitions: tokio::sync::Mutex::new(()),
             last_flush_at_ms: AtomicI64::new(0),
             last_sweep_at_ms: AtomicI64::new(0),
+            followed_seq: AtomicI64::new(0),
             last_error: Mutex::new(None),
         })
     }
@@ -386,6 +396,8 @@ impl Registry {
     /// Loads every agent's live seed from the store, and every definition into the routing
     /// index.
     pub async fn load(&self) -> CoreResult<usize> {
+        // Read first: a change made while the index loads is applied again by the follower.
+        self.followed_seq.store(self.store.agent_events_head().await?, Ordering::Release);
         let seeds = self.store.load_live_seeds().await?;
         let count = seeds.len();
         for seed in seeds {
@@ -893,9 +905,70 @@ impl Registry {
         }
     }
 
-    /// Runs the heartbeat flusher and the TTL sweeper until `shutdown` changes, then flushes
-    /// one last time.
+    /// Applies to the routing index the agent definitions that changed in the store since the
+    /// last call: registrations, updates, deletions and expiries made by other kernels on the
+    /// same database (and this kernel's own, which change nothing). Returns how many agents
+    /// were looked up again.
+    ///
+    /// Sequence numbers are taken when an event is written and become visible when its
+    /// transaction commits, not always in order: the events of the last
+    /// [`FOLLOW_SETTLE_MS`] are read again at the next call, so one committed out of order
+    /// within that time is not skipped. Applying a change twice is harmless (the agent's current
+    /// definition is read from the store).
+    pub async fn follow_changes(&self) -> CoreResult<usize> {
+        let after = self.followed_seq.load(Ordering::Acquire);
+        let changes = self.store.list_agent_changes(after, FOLLOW_CHANGES_PAGE_MAX).await?;
+        let settled_at_ms = self.clock.now_ms().saturating_sub(FOLLOW_SETTLE_MS);
+        let mut followed = after;
+        let mut settled = true;
+        let mut refreshed = std::collections::HashSet::new();
+        for change in &changes {
+            settled &= change.at_ms <= settled_at_ms;
+            if settled {
+                followed = change.seq;
+            }
+            if refreshed.insert(change.agent_id) {
+                self.refresh_agent(&change.tenant, change.agent_id).await?;
+            }
+        }
+        self.followed_seq.fetch_max(followed, Ordering::AcqRel);
+        Ok(refreshed.len())
+    }
+
+    /// Brings one agent's routing-index entry and live entry in line with the store.
+    async fn refresh_agent(&self, tenant: &TenantId, id: AgentId) -> CoreResult<()> {
+        let Some(agent) = self.store.get_agent(tenant, id).await? else {
+            if let Some((_, entry)) = self.live.remove_if(&id, |_, e| &e.tenant == tenant) {
+                self.metrics.agents.with_label_values(&[entry.status.as_str()]).dec();
+            }
+            if self.indexed(tenant, id).is_some() {
+                self.index_remove(id);
+            }
+            return Ok(());
+        };
+        if !self.live.contains_key(&id) {
+            if self.live.len() >= self.config.agents_max {
+                // Past the limit: indexed on its first heartbeat here, which is refused too.
+                return Ok(());
+            }
+            let Some(seed) = self.store.get_live_seed(id).await? else {
+                return Ok(());
+            };
+            if let dashmap::Entry::Vacant(vacant) = self.live.entry(id) {
+                self.metrics.agents.with_label_values(&[seed.status.as_str()]).inc();
+                vacant.insert(LiveEntry::from_seed(seed));
+            }
+        }
+        let last_seen_ms = self.live.get(&id).map_or(agent.updated_at_ms, |e| e.last_seen_ms);
+        self.index_insert(&agent, last_seen_ms);
+        Ok(())
+    }
+
+    /// Runs the heartbeat flusher, the TTL sweeper and the follower of other kernels' agent
+    /// changes until `shutdown` changes, then flushes one last time.
     pub async fn run_background(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        let mut follow_tick = tokio::time::interval(Duration::from_millis(FOLLOW_INTERVAL_MS));
+        follow_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut flush_tick =
             tokio::time::interval(Duration::from_millis(self.config.heartbeat_flush_interval_ms.max(1)));
         let mut sweep_tick = tokio::time::interval(Duration::from_millis(self.config.sweep_interval_ms.max(1)));
@@ -919,6 +992,11 @@ impl Registry {
                             );
                         },
                         Err(err) => tracing::warn!(error = %err, "TTL sweep failed; will retry"),
+                    }
+                }
+                _ = follow_tick.tick() => {
+                    if let Err(err) = self.follow_changes().await {
+                        tracing::warn!(error = %err, "following agent changes failed; will retry");
                     }
                 }
                 _ = shutdown.changed() => break,

@@ -1048,6 +1048,30 @@ impl AgentStore for SqlStore {
             .await?;
         rows.into_iter().map(AgentEvent::try_from).collect()
     }
+
+    async fn agent_events_head(&self) -> Result<i64, StoreError> {
+        self.retrying("agent_events_head", || async {
+            with_pool!(self, read, |pool| {
+                sqlx::query_scalar::<_, i64>("SELECT COALESCE(MAX(seq), 0) FROM agent_events").fetch_one(pool).await
+            })
+        })
+        .await
+    }
+
+    async fn list_agent_changes(&self, after_seq: i64, limit: u32) -> Result<Vec<AgentEvent>, StoreError> {
+        let sql = format!(
+            "SELECT {EVENT_COLUMNS} FROM agent_events \
+             WHERE seq > $1 AND kind IN ('registered', 'updated', 'deleted', 'expired') ORDER BY seq LIMIT $2"
+        );
+        let rows = self
+            .retrying("list_agent_changes", || async {
+                with_pool!(self, read, |pool| {
+                    sqlx::query_as::<_, EventRow>(&sql).bind(after_seq).bind(i64::from(limit)).fetch_all(pool).await
+                })
+            })
+            .await?;
+        rows.into_iter().map(AgentEvent::try_from).collect()
+    }
 }
 
 #[async_trait]

@@ -122,6 +122,8 @@ chaos_delegate!(AgentStore {
     fn write_heartbeats(&self, batch: &[HeartbeatRecord]) -> u64 [None];
     fn apply_status_changes(&self, changes: &[StatusChange]) -> Vec<AgentEvent> [None];
     fn list_agent_events(&self, tenant: &TenantId, agent: Option<AgentId>, after_seq: i64, limit: u32) -> Vec<AgentEvent> [Some(tenant)];
+    fn agent_events_head(&self) -> i64 [None];
+    fn list_agent_changes(&self, after_seq: i64, limit: u32) -> Vec<AgentEvent> [None];
 });
 
 #[async_trait]
