@@ -484,7 +484,7 @@ async fn a_replica_routes_by_the_agent_changes_made_through_another() {
             a.backend
         );
         assert_eq!(b.registry.follow_changes().await.expect("follow"), 1);
-        assert_eq!(chosen(b.routing.route(&tenant, &gpu()).await.expect("route")), [id.clone()], "{:?}", a.backend);
+        assert_eq!(chosen(b.routing.route(&tenant, &gpu()).await.expect("route")), vec![id.clone()], "{:?}", a.backend);
 
         // Its capability downgraded through A: B no longer routes `^2` to it.
         let (status, body) = in_tenant(
