@@ -510,5 +510,12 @@ async fn a_replica_routes_by_the_agent_changes_made_through_another() {
         b.registry.follow_changes().await.expect("follow");
         assert!(b.registry.indexed(&tenant, id.parse().expect("agent id")).is_none(), "{:?}", a.backend);
         assert_eq!(b.registry.indexed_len(), 0, "{:?}", a.backend);
+
+        // Recent events are read again (one could commit out of order); once settled, a step
+        // moves past them, status changes included, and has nothing left to look up.
+        assert_eq!(b.registry.follow_changes().await.expect("follow"), 1, "{:?}: still settling", a.backend);
+        a.clock.advance_ms(nops_core::registry::FOLLOW_SETTLE_MS + 1);
+        b.registry.follow_changes().await.expect("follow");
+        assert_eq!(b.registry.follow_changes().await.expect("follow"), 0, "{:?}: settled", a.backend);
     }
 }

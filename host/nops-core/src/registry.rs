@@ -158,8 +158,10 @@ impl LiveEntry {
 const INDEX_LOAD_PAGE_ROWS: u32 = 2_000;
 /// How often the routing index follows agent changes made by other kernels on the database.
 pub const FOLLOW_INTERVAL_MS: u64 = 1_000;
-/// Most agent events one follow step reads (a larger backlog is read over several steps).
+/// Agent events read per page by a follow step.
 pub const FOLLOW_CHANGES_PAGE_MAX: u32 = 1_000;
+/// Pages one follow step reads at most (a larger backlog is read over several steps).
+pub const FOLLOW_PAGES_PER_STEP_MAX: u32 = 10;
 /// Agent events younger than this are read again by the next follow step, in case an event
 /// with a smaller `seq` commits after them.
 pub const FOLLOW_SETTLE_MS: i64 = 2_000;
@@ -916,22 +918,29 @@ impl Registry {
     /// within that time is not skipped. Applying a change twice is harmless (the agent's current
     /// definition is read from the store).
     pub async fn follow_changes(&self) -> CoreResult<usize> {
-        let after = self.followed_seq.load(Ordering::Acquire);
-        let changes = self.store.list_agent_changes(after, FOLLOW_CHANGES_PAGE_MAX).await?;
         let settled_at_ms = self.clock.now_ms().saturating_sub(FOLLOW_SETTLE_MS);
-        let mut followed = after;
+        let mut after = self.followed_seq.load(Ordering::Acquire);
         let mut settled = true;
-        let mut refreshed = std::collections::HashSet::new();
-        for change in &changes {
-            settled &= change.at_ms <= settled_at_ms;
-            if settled {
-                followed = change.seq;
+        let mut refreshed = HashSet::new();
+        for _ in 0..FOLLOW_PAGES_PER_STEP_MAX {
+            let events = self.store.list_agent_changes(after, FOLLOW_CHANGES_PAGE_MAX).await?;
+            for event in &events {
+                // Status changes are read only to move past them: they do not change a
+                // definition, and the live status is each kernel's own.
+                let changes_definition = !matches!(event.kind, AgentEventKind::StatusChanged);
+                if changes_definition && refreshed.insert(event.agent_id) {
+                    self.refresh_agent(&event.tenant, event.agent_id).await?;
+                }
+                settled &= event.at_ms <= settled_at_ms;
+                if settled {
+                    self.followed_seq.fetch_max(event.seq, Ordering::AcqRel);
+                }
             }
-            if refreshed.insert(change.agent_id) {
-                self.refresh_agent(&change.tenant, change.agent_id).await?;
+            match events.last() {
+                Some(last) if events.len() == FOLLOW_CHANGES_PAGE_MAX as usize => after = last.seq,
+                _ => break,
             }
         }
-        self.followed_seq.fetch_max(followed, Ordering::AcqRel);
         Ok(refreshed.len())
     }
 

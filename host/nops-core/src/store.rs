@@ -132,9 +132,8 @@ pub trait AgentStore: Send + Sync + 'static {
     async fn apply_status_changes(&self, changes: &[StatusChange]) -> Result<Vec<AgentEvent>, StoreError>;
     /// The `seq` of the latest agent event, 0 when there is none.
     async fn agent_events_head(&self) -> Result<i64, StoreError>;
-    /// Changes of agent definitions in every tenant (registered, updated, deleted, expired)
-    /// with `seq` greater than `after_seq`, oldest first: what other kernels on the same
-    /// database did, for the routing index.
+    /// Agent events of every tenant with `seq` greater than `after_seq`, oldest first: what
+    /// other kernels on the same database did, for the routing index.
     async fn list_agent_changes(&self, after_seq: i64, limit: u32) -> Result<Vec<AgentEvent>, StoreError>;
     /// Events of a tenant (optionally of one agent), with `seq` greater than `after_seq`.
     async fn list_agent_events(

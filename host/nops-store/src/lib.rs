@@ -1059,10 +1059,7 @@ impl AgentStore for SqlStore {
     }
 
     async fn list_agent_changes(&self, after_seq: i64, limit: u32) -> Result<Vec<AgentEvent>, StoreError> {
-        let sql = format!(
-            "SELECT {EVENT_COLUMNS} FROM agent_events \
-             WHERE seq > $1 AND kind IN ('registered', 'updated', 'deleted', 'expired') ORDER BY seq LIMIT $2"
-        );
+        let sql = format!("SELECT {EVENT_COLUMNS} FROM agent_events WHERE seq > $1 ORDER BY seq LIMIT $2");
         let rows = self
             .retrying("list_agent_changes", || async {
                 with_pool!(self, read, |pool| {
