@@ -666,11 +666,7 @@ async fn a_task_whose_kernel_stopped_is_taken_over_and_its_queued_attempt_still_
 async fn a_pull_attempt_queued_by_one_replica_is_served_and_completed_through_another() {
     use tower::ServiceExt;
     for a in TestKernel::all().await {
-        // A second kernel on the same database: another replica.
-        let mut args = crate::support::test_args(&a.db.url);
-        args.data_dir = Some(a.db.dir.path().join("replica"));
-        let config = nops::config::Config::resolve(&args).expect("config");
-        let b = nops::kernel::Kernel::open(&config, Arc::new(a.clock.clone())).await.expect("replica opens");
+        let b = crate::support::replica(&a).await;
         let b_router = b.router();
         let agent = register(&a, "shared", None).await;
         let key = agent_key(&a, &agent).await;

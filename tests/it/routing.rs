@@ -458,10 +458,7 @@ async fn filters_hold_across_many_agent_profiles() {
 #[tokio::test]
 async fn a_replica_routes_by_the_agent_changes_made_through_another() {
     for a in TestKernel::all().await {
-        let mut args = crate::support::test_args(&a.db.url);
-        args.data_dir = Some(a.db.dir.path().join("replica"));
-        let config = nops::config::Config::resolve(&args).expect("config");
-        let b = nops::kernel::Kernel::open(&config, std::sync::Arc::new(a.clock.clone())).await.expect("replica");
+        let b = crate::support::replica(&a).await;
         let tenant = TenantId::default_tenant();
         let gpu = || RouteRequest {
             capabilities: vec![CapabilityRequirement {

@@ -144,6 +144,14 @@ pub fn test_args(url: &str) -> ServeArgs {
     }
 }
 
+/// A second kernel on `k`'s database and clock, with its own data directory: a replica.
+pub async fn replica(k: &TestKernel) -> Kernel {
+    let mut args = test_args(&k.db.url);
+    args.data_dir = Some(k.db.dir.path().join("replica"));
+    let config = Config::resolve(&args).expect("config");
+    Kernel::open(&config, Arc::new(k.clock.clone())).await.expect("replica opens")
+}
+
 /// A kernel in process, on its own database, with a manual clock.
 pub struct TestKernel {
     pub backend: Backend,
