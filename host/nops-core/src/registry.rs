@@ -973,11 +973,27 @@ impl Registry {
         Ok(())
     }
 
+    /// Follows other kernels' agent changes every [`FOLLOW_INTERVAL_MS`] until `shutdown`
+    /// changes (its own task, so a long backlog never delays heartbeat flushes).
+    async fn run_follower(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        let mut tick = tokio::time::interval(Duration::from_millis(FOLLOW_INTERVAL_MS));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {
+                    if let Err(err) = self.follow_changes().await {
+                        tracing::warn!(error = %err, "following agent changes failed; will retry");
+                    }
+                }
+                _ = shutdown.changed() => break,
+            }
+        }
+    }
+
     /// Runs the heartbeat flusher, the TTL sweeper and the follower of other kernels' agent
     /// changes until `shutdown` changes, then flushes one last time.
     pub async fn run_background(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
-        let mut follow_tick = tokio::time::interval(Duration::from_millis(FOLLOW_INTERVAL_MS));
-        follow_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let follower = tokio::spawn(self.clone().run_follower(shutdown.clone()));
         let mut flush_tick =
             tokio::time::interval(Duration::from_millis(self.config.heartbeat_flush_interval_ms.max(1)));
         let mut sweep_tick = tokio::time::interval(Duration::from_millis(self.config.sweep_interval_ms.max(1)));
@@ -1003,13 +1019,11 @@ impl Registry {
                         Err(err) => tracing::warn!(error = %err, "TTL sweep failed; will retry"),
                     }
                 }
-                _ = follow_tick.tick() => {
-                    if let Err(err) = self.follow_changes().await {
-                        tracing::warn!(error = %err, "following agent changes failed; will retry");
-                    }
-                }
                 _ = shutdown.changed() => break,
             }
+        }
+        if let Err(err) = follower.await {
+            tracing::error!(error = %err, "the follower of agent changes failed");
         }
         if let Err(err) = self.flush_heartbeats().await {
             tracing::error!(error = %err, "final heartbeat flush failed; the last heartbeats are lost");
